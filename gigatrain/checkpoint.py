@@ -1,0 +1,179 @@
+"""Layout-independent checkpoints: save in one layout, load in any other.
+
+A checkpoint is a directory::
+
+    step_000010/
+      model.safetensors      every parameter, full (unsharded) fp32, keyed by its module name
+      optim.safetensors      optimizer state keyed "<param name>/<state key>"
+      rng_rank<R>.safetensors  each rank's RNG state
+      meta.json              step, config, loss scaler, data position; written last
+
+Tensors live in safetensors, so loading never unpickles anything: a crafted pickle cannot run
+code here. A checkpoint is written into a temporary directory which is renamed into place only when
+complete, so a crash mid-save leaves the previous checkpoint intact; ``latest`` names the newest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+META = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    step: int
+    meta: dict
+    params: dict[str, torch.Tensor]
+    optim: dict[str, dict[str, torch.Tensor]]
+    rng: dict[str, torch.Tensor] | None
+
+
+def _flatten_optim(optim: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{name}/{key}": t.contiguous() for name, st in optim.items() for key, t in st.items()}
+
+
+def _unflatten_optim(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in flat.items():
+        name, key = k.rsplit("/", 1)
+        out.setdefault(name, {})[key] = t
+    return out
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    st = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def set_rng_state(st: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(st["cpu"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def save_checkpoint(root: str | Path, step: int, *, rank: int, world_comm, params, optim,
+                    meta: dict, device: torch.device, writer_rank: int = 0, keep: int = 0) -> Path | None:
+    """Write checkpoint ``step`` under ``root`` collectively; returns its path on every rank.
+
+    ``params``/``optim`` are the full state (identical on all ranks, or only meaningful on
+    ``writer_rank``). Every rank writes its RNG state; ``writer_rank`` writes the tensors and, after
+    a barrier, the metadata and the rename that publishes the checkpoint.
+    """
+    root = Path(root)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    if rank == writer_rank:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    world_comm.barrier()
+    save_file(rng_state(device), str(tmp / f"rng_rank{rank}.safetensors"))
+    if rank == writer_rank:
+        save_file({k: v.contiguous() for k, v in params.items()}, str(tmp / "model.safetensors"))
+        save_file(_flatten_optim(optim), str(tmp / "optim.safetensors"))
+    world_comm.barrier()
+    if rank == writer_rank:
+        meta = dict(meta, step=step, time=time.time(), format="gigatrain-checkpoint-v1")
+        _write_atomic(tmp / META, json.dumps(meta, indent=1, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", final.name + "\n")
+        if keep and keep > 0:
+            for old in sorted(list_checkpoints(root))[:-keep]:
+                shutil.rmtree(root / f"step_{old:06d}", ignore_errors=True)
+    world_comm.barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(root: str | Path) -> list[int]:
+    """Steps of the complete checkpoints under ``root`` (a directory counts once meta.json exists)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    steps = []
+    for d in root.iterdir():
+        m = STEP_DIR.match(d.name)
+        if m and (d / META).is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def find_latest(root: str | Path) -> Path | None:
+    steps = list_checkpoints(root)
+    return Path(root) / f"step_{steps[-1]:06d}" if steps else None
+
+
+def resolve_resume(resume: str | None, default_root: str | Path) -> Path | None:
+    """Turn ``resume`` (None, "auto", or a path) into a checkpoint directory, or explain why not.
+
+    "auto" continues the latest complete checkpoint under ``default_root`` and starts fresh if
+    there is none. A path may name a checkpoint directory or a root holding several.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        return find_latest(default_root)
+    p = Path(resume)
+    if p.is_file():
+        raise CheckpointError(
+            f"resume={resume} is a file. gigatrain resumes only from checkpoint directories "
+            f"(safetensors tensors + {META}); pickle files (.pt, .bin, .pkl) are never loaded because "
+            f"unpickling can run arbitrary code. Point resume at a step_NNNNNN directory or its parent.")
+    if not p.is_dir():
+        raise CheckpointError(f"resume={resume}: no such checkpoint directory.")
+    if (p / META).is_file():
+        return p
+    latest = find_latest(p)
+    if latest is None:
+        raise CheckpointError(f"resume={resume}: no complete checkpoint (step_NNNNNN/{META}) in this directory.")
+    return latest
+
+
+def load_checkpoint(path: str | Path, rank: int = 0) -> LoadedCheckpoint:
+    """Read a checkpoint directory; only JSON and safetensors are parsed, never pickle."""
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a complete gigatrain checkpoint (no {META}).")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({e}); the checkpoint is damaged.") from e
+    if meta.get("format") != "gigatrain-checkpoint-v1":
+        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}.")
+    try:
+        params = load_file(str(path / "model.safetensors"))
+        optim = _unflatten_optim(load_file(str(path / "optim.safetensors")))
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: cannot read tensors ({e}). Only safetensors files are loaded.") from e
+    rng_file = path / f"rng_rank{rank}.safetensors"
+    rng = load_file(str(rng_file)) if rng_file.is_file() else None
+    return LoadedCheckpoint(path, int(meta["step"]), meta, params, optim, rng)

@@ -1,0 +1,151 @@
+"""Throughput, FLOPs, MFU and memory; JSONL + TensorBoard logs; the progress bar."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, most specific first.
+PEAK_BF16_FLOPS = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+    ("V100", 125e12),
+]
+
+
+def device_peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
+    """The device's dense peak for the training precision, or None when unknown (e.g. CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_FLOPS:
+        if key in name:
+            # fp32 matmuls run as TF32 at half the bf16 rate on these parts.
+            return peak if precision in ("bf16", "fp16") else peak / 2
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak device memory allocated by this process (CPU: peak resident set size)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def step_metrics(*, step: int, loss: float, lr: float, grad_norm: float, seconds: float,
+                 samples: int, tokens_per_sample: int, flops_per_sample: float, world_size: int,
+                 device: torch.device, precision: str, **extra) -> dict:
+    """One JSON-able record for ``metrics.jsonl``; throughput is for the whole job."""
+    rate = samples / seconds if seconds > 0 else float("nan")
+    tflops = flops_per_sample * rate / world_size / 1e12 if seconds > 0 else float("nan")
+    peak = device_peak_flops(device, precision)
+    rec = {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": None if grad_norm is None or math.isnan(grad_norm) else grad_norm,
+        "step_time_s": seconds,
+        "samples_per_s": rate,
+        "tokens_per_s": rate * tokens_per_sample if tokens_per_sample > 1 else None,
+        "tflops_per_device": tflops,
+        "mfu": tflops * 1e12 / peak if peak else None,
+        "peak_mem_bytes": peak_memory_bytes(device),
+    }
+    rec.update(extra)
+    return rec
+
+
+class MetricsLogger:
+    """Writes one JSON line per step (and TensorBoard scalars when it is installed); rank 0 only."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, append: bool = False):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / "metrics.jsonl", "a" if append else "w")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def log(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """A rich progress bar with loss and throughput; silent when disabled or not a terminal log."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, unit: str = "tok/s"):
+        self.enabled = enabled
+        self.unit = unit
+        self._bar = None
+        if not enabled:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                   TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+        self._bar = RichProgress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), refresh_per_second=4)
+        self._task = self._bar.add_task("train", total=total, completed=start, loss="-", rate="-")
+        self._bar.start()
+
+    def update(self, step: int, loss: float, rate: float | None) -> None:
+        if self._bar is None:
+            return
+        rate_s = "-" if rate is None or math.isnan(rate) else f"{rate:,.0f} {self.unit}"
+        self._bar.update(self._task, completed=step, loss=f"{loss:.4f}", rate=rate_s)
+
+    def print(self, *args) -> None:
+        if self._bar is not None:
+            self._bar.console.print(*args)
+        else:
+            print(*args, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self.t0

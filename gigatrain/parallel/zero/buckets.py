@@ -1,0 +1,138 @@
+"""Flat gradient buckets filled by autograd hooks, launched in a fixed order.
+
+Parameters are grouped, in reverse registration order (roughly the order backward produces their
+gradients), into buckets of about ``bucket_bytes``. Each bucket owns one flat buffer and every
+``param.grad`` is a view into it, so autograd accumulates straight into the buffer and a bucket can
+be handed to a single collective without copying. A post-accumulate-grad hook counts the
+gradients a bucket still waits for; when a bucket is complete it is handed to ``on_ready`` -- but
+only after every earlier bucket, so that all ranks issue their collectives in the same order
+(gloo and NCCL both require it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Bucket:
+    index: int
+    params: list[nn.Parameter]
+    offsets: list[int]          # start of each parameter inside ``buffer``
+    numel: int                  # used elements (without padding)
+    buffer: torch.Tensor        # flat, padded to a multiple of ``align``
+    pending: int = 0
+    ready: bool = False
+    state: dict = field(default_factory=dict)   # per-stage scratch (works, shards, ...)
+
+    @property
+    def padded_numel(self) -> int:
+        return self.buffer.numel()
+
+    def views(self) -> list[torch.Tensor]:
+        return [self.buffer[o:o + p.numel()].view_as(p) for p, o in zip(self.params, self.offsets)]
+
+
+def plan_buckets(params: Sequence[nn.Parameter], bucket_bytes: int, align: int = 1) -> list[list[int]]:
+    """Indices of ``params`` per bucket, walking them in reverse; pure arithmetic."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    cur_bytes = 0
+    for i in reversed(range(len(params))):
+        p = params[i]
+        nbytes = p.numel() * p.element_size()
+        if cur and cur_bytes + nbytes > bucket_bytes:
+            groups.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(i)
+        cur_bytes += nbytes
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+class GradBuckets:
+    """Flat gradient buffers for ``params`` plus the hooks that report complete buckets."""
+
+    def __init__(self, params: Sequence[nn.Parameter], bucket_bytes: int, *, align: int = 1,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+        seen: set[int] = set()
+        uniq = []
+        for p in params:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                uniq.append(p)
+        self.params = uniq
+        self.align = align
+        self.buckets: list[Bucket] = []
+        self._bucket_of: dict[int, Bucket] = {}
+        for bi, idx in enumerate(plan_buckets(uniq, bucket_bytes, align)):
+            ps = [uniq[i] for i in idx]
+            offsets, n = [], 0
+            for p in ps:
+                offsets.append(n)
+                n += p.numel()
+            padded = -(-n // align) * align
+            buf = torch.zeros(padded, dtype=dtype or ps[0].dtype, device=device or ps[0].device)
+            b = Bucket(bi, ps, offsets, n, buf)
+            self.buckets.append(b)
+            for p in ps:
+                self._bucket_of[id(p)] = b
+        self._next = 0
+        self._handles: list = []
+        self._on_ready: Callable[[Bucket], None] | None = None
+        self.reset()
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel for b in self.buckets)
+
+    def attach_grads(self) -> None:
+        """Point every ``param.grad`` at its slice of the bucket buffer."""
+        for b in self.buckets:
+            for p, v in zip(b.params, b.views()):
+                p.grad = v
+
+    def zero_(self) -> None:
+        for b in self.buckets:
+            b.buffer.zero_()
+
+    def reset(self) -> None:
+        """Prepare the counters for the next backward pass."""
+        for b in self.buckets:
+            b.pending = len(b.params)
+            b.ready = False
+        self._next = 0
+
+    def register_hooks(self, on_ready: Callable[[Bucket], None]) -> None:
+        self._on_ready = on_ready
+        for p in self.params:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, p: torch.Tensor) -> None:
+        b = self._bucket_of[id(p)]
+        b.pending -= 1
+        if b.pending == 0:
+            b.ready = True
+            self._launch_in_order()
+
+    def _launch_in_order(self) -> None:
+        while self._next < len(self.buckets) and self.buckets[self._next].ready:
+            b = self.buckets[self._next]
+            self._next += 1
+            if self._on_ready is not None:
+                self._on_ready(b)
+
+    def flush(self) -> None:
+        """Hand over buckets whose parameters got no gradient this pass (unused parameters)."""
+        for b in self.buckets:
+            b.ready = True
+        self._launch_in_order()
