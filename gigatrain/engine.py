@@ -21,10 +21,11 @@ import torch.nn as nn
 
 from .dist.mesh import Mesh
 from .parallel.data_parallel import DataParallel
+from .optim import param_groups
 from .precision import DynamicLossScaler, PrecisionPolicy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-OptimizerFactory = Callable[[Iterable[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
+OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]  # groups: {"params", "decay"}
 
 
 @dataclass
@@ -45,7 +46,8 @@ class Engine:
     """Train ``model`` over ``mesh`` with data parallelism over the ``dp`` axis.
 
     ``grad_strategy`` is built from ``zero`` (0 = plain data parallel); the optimizer is created
-    by ``optimizer_factory`` over the (name, parameter) pairs the strategy exposes.
+    by ``optimizer_factory`` over the parameter groups (``{"params": [...], "decay": bool}``, see
+    ``gigatrain.optim.param_groups``) that the strategy exposes.
     """
 
     def __init__(self, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *,
@@ -130,7 +132,7 @@ class Stage0Strategy:
         self.dp = DataParallel(model, mesh.dp, bucket_mb)
 
     def build_optimizer(self, factory: OptimizerFactory) -> torch.optim.Optimizer:
-        return factory(self.model.named_parameters())
+        return factory(param_groups(self.model.named_parameters()))
 
     def set_sync(self, sync: bool) -> None:
         self.dp.set_sync(sync)

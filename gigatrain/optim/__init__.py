@@ -7,32 +7,40 @@ import torch.nn as nn
 from .schedules import lr_at
 
 
-def param_groups(named_params, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings, not biases and norm scales (GPT-2/nanoGPT convention)."""
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Weight decay applies to matrices and embeddings, not to biases and norm scales
+    (GPT-2/nanoGPT convention). Sharded strategies use this to split their flat buffers."""
+    return p.dim() >= 2
+
+
+def param_groups(named_params) -> list[dict]:
+    """Split (name, parameter) pairs into ``{"params": [...], "decay": bool}`` groups."""
     decay, no_decay = [], []
     seen = set()
-    for _, p in named_params:
+    for name, p in named_params:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        (decay if decays(name, p) else no_decay).append(p)
+    return [g for g in ({"params": decay, "decay": True}, {"params": no_decay, "decay": False})
+            if g["params"]]
 
 
-def build_optimizer(tcfg, named_params, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer named by ``tcfg.optimizer`` over ``named_params`` (name, parameter) pairs."""
-    named_params = list(named_params)
+def build_optimizer(tcfg, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer named by ``tcfg.optimizer`` over ``groups``.
+
+    ``groups`` are ``{"params": [...], "decay": bool}`` dicts (see ``param_groups``); decaying
+    groups get ``tcfg.weight_decay``, the others none. Strategies that shard parameters pass their
+    flat shards here, so every layout runs the same optimizer with the same hyper-parameters.
+    """
+    groups = [{"params": g["params"], "weight_decay": tcfg.weight_decay if g["decay"] else 0.0}
+              for g in groups]
     if tcfg.optimizer == "sgd":
-        groups = param_groups(named_params, tcfg.weight_decay)
         return torch.optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.momentum)
     if tcfg.optimizer == "adamw":
-        groups = param_groups(named_params, tcfg.weight_decay)
         kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=1e-8, **kwargs)
     raise ValueError(f"unknown optimizer {tcfg.optimizer!r}: use adamw or sgd")
 
 
-__all__ = ["build_optimizer", "lr_at", "param_groups"]
+__all__ = ["build_optimizer", "decays", "lr_at", "param_groups"]
