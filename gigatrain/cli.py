@@ -1,0 +1,123 @@
+"""``gigatrain`` command line.
+
+    gigatrain train [CONFIG] [--nproc N] [--out DIR] [key=value ...]
+    gigatrain config [CONFIG] [key=value ...]      print the resolved config
+    gigatrain config --reference                   print every key as a Markdown table
+    gigatrain data [CONFIG] [key=value ...]         download/tokenize the dataset once
+
+Bad input (config, layout, checkpoint) ends with one readable paragraph and exit code 2, before
+any training starts, never with a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+WORKER_ENV = "GIGATRAIN_WORKER"
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    path, overrides = None, []
+    for it in items:
+        if "=" in it:
+            overrides.append(it)
+        elif path is None:
+            path = it
+        else:
+            raise SystemExit(_fail(f"unexpected argument {it!r}: give at most one config file, "
+                                   "then key=value overrides."))
+    return path, overrides
+
+
+def _fail(msg: str) -> int:
+    print(f"gigatrain: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="gigatrain", description="Train models too big or too slow for one GPU.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train a model (default: small GPT on the King James Bible)")
+    tr.add_argument("items", nargs="*", metavar="[CONFIG] key=value",
+                    help="a YAML/JSON/TOML config file and dotted overrides such as train.steps=100")
+    tr.add_argument("--nproc", type=int, default=None, help="start N local processes (torch's launcher)")
+    tr.add_argument("--out", default=None, help="output directory (config.yaml, metrics.jsonl, checkpoints)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar or sample text")
+    cf = sub.add_parser("config", help="print the resolved config, or the reference of all keys")
+    cf.add_argument("items", nargs="*")
+    cf.add_argument("--reference", action="store_true")
+    da = sub.add_parser("data", help="prepare (download and tokenize) the configured dataset")
+    da.add_argument("items", nargs="*")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, load_config
+    from .dist.mesh import LayoutError
+
+    try:
+        path, overrides = _split_args(args.items)
+        if args.cmd == "config" and args.reference:
+            from .config import config_reference
+            print(config_reference())
+            return 0
+        if getattr(args, "out", None):
+            overrides.append(f"out={args.out}")
+        cfg = load_config(path, overrides)
+        if args.cmd == "config":
+            print(cfg.to_yaml())
+            return 0
+        if args.cmd == "data":
+            from .data import prepare_dataset
+            ds = prepare_dataset(cfg.data, cfg.model.seq_len)
+            print(f"{cfg.data.name}: {len(ds)} samples ready")
+            return 0
+        return _train(cfg, args, argv)
+    except (ConfigError, LayoutError, CheckpointError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _train(cfg, args, argv: list[str]) -> int:
+    from .checkpoint import resolve_resume
+    from .config import resolve_for_world
+    from .data import DataMissingError, prepare_dataset
+    from .dist.launch import launch_local, read_env
+    from .trainer import train
+    from pathlib import Path
+
+    env = read_env()
+    worker = os.environ.get(WORKER_ENV) == "1"
+    if env.is_distributed_launch:
+        world = env.world_size
+    else:
+        world = args.nproc or cfg.nproc or 1
+    resolved = resolve_for_world(cfg, world)
+    resolve_resume(resolved.resume, Path(resolved.checkpoint.dir or Path(resolved.out) / "checkpoints"))
+    try:
+        if not worker:
+            prepare_dataset(resolved.data, resolved.model.seq_len)
+    except DataMissingError as e:
+        return _fail(str(e))
+
+    if env.is_distributed_launch or world == 1:
+        train(cfg, env=env, quiet=args.quiet)
+        return 0
+    # Start the workers through torch's launcher; they re-enter here with the torchrun variables.
+    worker_argv = [a for a in argv if not a.startswith("--nproc")]
+    if "--nproc" in argv:
+        i = argv.index("--nproc")
+        worker_argv = argv[:i] + argv[i + 2:]
+    code = launch_local(world, worker_argv, extra_env={WORKER_ENV: "1"})
+    if code:
+        return _fail(f"a worker process failed (exit code {code}); its error is printed above.")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The training loop behind ``gigatrain train``: config -> model, data, engine -> steps.
+
+This is where a model and a dataset are chosen from the config; the engine below it stays
+generic. ``train`` runs inside one process of the job (the launcher has already started the others)
+and returns the per-step losses, which the tests compare across layouts.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import Config, resolve_for_world
+from .data import open_dataset
+from .data.sampler import GlobalBatchSampler
+from .dist.launch import DistEnv, distributed, read_env
+from .dist.mesh import Mesh, ParallelDims
+from .engine import Engine
+from .metrics import MetricsLogger, Progress, Timer, step_metrics
+from .models import build_model
+from .optim import build_optimizer, lr_at
+from .precision import PrecisionPolicy
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+    start_step: int = 0
+    last_step: int = 0
+    sample: str | None = None
+    comm_sent: dict = field(default_factory=dict)
+
+
+def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False) -> TrainResult:
+    """Train according to ``cfg`` in this process; creates the process group if none exists."""
+    env = env or read_env()
+    if dist.is_initialized():
+        from .dist.launch import pick_device
+        return _train(cfg, pick_device(env), quiet)
+    with distributed(env, backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s) as device:
+        return _train(cfg, device, quiet)
+
+
+def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cfg = resolve_for_world(cfg, world)
+    p, t = cfg.parallel, cfg.train
+    dims = ParallelDims(dp=p.dp, pp=p.pp, tp=p.tp)
+    mesh = Mesh(dims, device)
+    is_main = rank == 0
+    out = Path(cfg.out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+
+    dataset = open_dataset(cfg.data, cfg.model.seq_len)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, vocab_size=getattr(dataset, "vocab_size", None))
+    policy = PrecisionPolicy.from_name(cfg.precision, device)
+    engine = Engine(model, mesh, lambda groups: build_optimizer(t, groups, device),
+                    precision=policy, grad_clip=t.grad_clip, zero=p.zero, bucket_mb=p.bucket_mb,
+                    strategy_options=({"offload": p.offload, "offload_dir": p.offload_dir}
+                                      if p.zero else None))
+
+    ckpt_root = Path(cfg.checkpoint.dir or out / "checkpoints")
+    start = 0
+    resume_from = ckpt.resolve_resume(cfg.resume, ckpt_root)
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(resume_from, rank)
+        engine.load_full_state(loaded.params, loaded.optim)
+        if engine.scaler is not None and "loss_scaler" in loaded.meta:
+            engine.scaler.load_state_dict(loaded.meta["loss_scaler"])
+        if loaded.rng is not None:
+            ckpt.set_rng_state(loaded.rng, device)
+        start = loaded.step
+        if is_main and not quiet:
+            print(f"resuming from {resume_from} at step {start}", flush=True)
+
+    dp_rank = mesh.coords["dp"]
+    sampler = GlobalBatchSampler(len(dataset), t.global_batch, t.seed)
+    end = t.stop_after if t.stop_after is not None else t.steps
+    logger = MetricsLogger(out, enabled=is_main, append=start > 0)
+    show = is_main and not quiet
+    unit = "tok/s" if model.tokens_per_sample > 1 else "samples/s"
+    bar = Progress(end, start, enabled=show, unit=unit)
+    result = TrainResult(start_step=start, last_step=start)
+    flops = float(model.train_flops_per_sample())
+
+    def fetch(step: int):
+        idx = sampler.local_microbatches(step, dp_rank, p.dp, t.micro_batch)
+        batches = []
+        for i in idx:
+            x, y = dataset.get_batch(i)
+            batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+        return batches
+
+    try:
+        for step in range(start, end):
+            lr = lr_at(step, kind=t.schedule, lr=t.lr, total_steps=t.steps,
+                       warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio)
+            batches = fetch(step)
+            inject = (cfg.debug.inject_overflow_step == step + 1 and rank == cfg.debug.inject_overflow_rank)
+            with Timer(device) as tm:
+                res = engine.train_step(batches, lr, inject_overflow=inject)
+            done = step + 1
+            result.losses.append(res.loss)
+            result.grad_norms.append(res.grad_norm)
+            if res.skipped:
+                result.skipped_steps.append(done)
+            rec = step_metrics(step=done, loss=res.loss, lr=lr, grad_norm=res.grad_norm,
+                               seconds=tm.seconds, samples=t.global_batch,
+                               tokens_per_sample=model.tokens_per_sample, flops_per_sample=flops,
+                               world_size=world, device=device, precision=policy.name,
+                               skipped=res.skipped, loss_scale=res.loss_scale)
+            logger.log(rec)
+            rate = rec["tokens_per_s"] if rec["tokens_per_s"] is not None else rec["samples_per_s"]
+            bar.update(done, res.loss, rate)
+            if res.skipped and show:
+                bar.print(f"step {done}: fp16 overflow on some rank, step skipped on all ranks; "
+                          f"loss scale now {engine.scaler.scale:g}")
+            if not math.isfinite(res.loss):
+                raise FloatingPointError(f"loss is {res.loss} at step {done}: training diverged. "
+                                         "Lower train.lr, enable train.grad_clip, or use bf16/fp32.")
+            every = cfg.checkpoint.every
+            if (every and done % every == 0) or done == end:
+                _save(cfg, engine, ckpt_root, done, rank, mesh, device)
+            result.last_step = done
+    finally:
+        bar.close()
+        logger.close()
+
+    if is_main and model.tokens_per_sample > 1 and t.sample_tokens > 0 and hasattr(model, "generate"):
+        result.sample = _sample_text(model, dataset, device, t.sample_tokens, t.seed)
+        if not quiet:
+            print("\n--- sample ---\n" + result.sample + "\n--------------", flush=True)
+    result.comm_sent = mesh.stats.summary()
+    return result
+
+
+def _save(cfg, engine: Engine, root: Path, step: int, rank: int, mesh: Mesh, device) -> None:
+    params, optim = engine.full_state()
+    meta = {"config": cfg.model_dump(mode="json"),
+            "world_size": dist.get_world_size(),
+            "loss_scaler": engine.scaler.state_dict() if engine.scaler else None}
+    ckpt.save_checkpoint(root, step, rank=rank, world_comm=mesh.world, params=params, optim=optim,
+                         meta=meta, device=device, keep=cfg.checkpoint.keep)
+
+
+@torch.no_grad()
+def _sample_text(model, dataset, device, n_tokens: int, seed: int) -> str:
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    start = dataset.encode("\n") or [0]
+    idx = torch.tensor([start], dtype=torch.long, device=device)
+    out = model.generate(idx, n_tokens, temperature=0.8, top_k=None, generator=g)
+    return dataset.decode(out[0].tolist())
