@@ -54,7 +54,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Options may come after overrides (``train.steps=9 --nproc 2``): collect what is left over.
+    args, rest = parser.parse_known_args(argv)
+    unknown = [r for r in rest if r.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.items = list(getattr(args, "items", [])) + rest
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
     from .dist.mesh import LayoutError
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(cfg, args, argv: list[str]) -> int:
     from .checkpoint import resolve_resume
     from .config import resolve_for_world
-    from .data import DataMissingError, prepare_dataset
+    from .data import prepare_dataset
     from .dist.launch import launch_local, read_env
     from .trainer import train
     from pathlib import Path
@@ -102,7 +108,8 @@ def _train(cfg, args, argv: list[str]) -> int:
     try:
         if not worker:
             prepare_dataset(resolved.data, resolved.model.seq_len)
-    except DataMissingError as e:
+    except (OSError, RuntimeError, ValueError) as e:
+        # Missing or unreadable data: the message says how to get it.
         return _fail(str(e))
 
     if env.is_distributed_launch or world == 1:

@@ -309,8 +309,6 @@ def _cross_problems(cfg: Config) -> list[str]:
     if t.stop_after is not None and t.stop_after > t.steps:
         p.append(f"train.stop_after ({t.stop_after}) is greater than train.steps ({t.steps}): set stop_after to at "
                  f"most {t.steps}, or raise steps.")
-    if t.warmup_steps > t.steps:
-        p.append(f"train.warmup_steps ({t.warmup_steps}) is greater than train.steps ({t.steps}): lower warmup_steps.")
     if not all(0.0 <= b < 1.0 for b in t.betas):
         p.append(f"train.betas ({list(t.betas)}) must both lie in [0, 1), e.g. [0.9, 0.95].")
     if t.micro_batch > t.global_batch:

@@ -335,7 +335,6 @@ def test_out_of_range(override, needle):
     (["model.name=vit", "data.name=fashion_mnist", "model.patch_size=5"], ["model.image_size (28)", "model.patch_size (5)"]),
     (["model.name=vit", "data.name=fashion_mnist", "model.in_chans=3"], ["model.in_chans=3"]),
     (["model.name=coatnet", "data.name=fashion_mnist", "model.coatnet_dims=[32,64]"], ["model.coatnet_depths", "same length"]),
-    (["train.warmup_steps=400"], ["train.warmup_steps (400)"]),
     (["train.betas=[0.9, 1.0]"], ["train.betas"]),
     (["train.micro_batch=64"], ["train.micro_batch (64)", "train.global_batch (32)"]),
     (["parallel.offload=cpu"], ["parallel.offload=cpu", "parallel.zero"]),
