@@ -17,7 +17,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .config import Config, resolve_for_world
 from .data import open_dataset
-from .data.sampler import GlobalBatchSampler
+from .data.sampler import BatchLoader, GlobalBatchSampler
 from .dist.launch import DistEnv, distributed, read_env
 from .dist.mesh import Mesh, ParallelDims
 from .engine import Engine
@@ -93,19 +93,13 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
     result = TrainResult(start_step=start, last_step=start)
     flops = float(model.train_flops_per_sample())
 
-    def fetch(step: int):
-        idx = sampler.local_microbatches(step, dp_rank, p.dp, t.micro_batch)
-        batches = []
-        for i in idx:
-            x, y = dataset.get_batch(i)
-            batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
-        return batches
+    loader = BatchLoader(dataset, sampler, dp_rank, p.dp, t.micro_batch, start_step=start,
+                         device=device, num_workers=cfg.data.num_workers, end_step=end)
 
     try:
-        for step in range(start, end):
+        for step, batches in zip(range(start, end), loader):
             lr = lr_at(step, kind=t.schedule, lr=t.lr, total_steps=t.steps,
                        warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio)
-            batches = fetch(step)
             inject = (cfg.debug.inject_overflow_step == step + 1 and rank == cfg.debug.inject_overflow_rank)
             with Timer(device) as tm:
                 res = engine.train_step(batches, lr, inject_overflow=inject)
