@@ -3,8 +3,9 @@
 A checkpoint is a directory::
 
     step_000010/
-      model.safetensors      every parameter, full (unsharded) fp32, keyed by its module name
-      optim.safetensors      optimizer state keyed "<param name>/<state key>"
+      model*.safetensors     every parameter, full (unsharded) fp32, keyed by its module name
+                             (one file, or one per pipeline stage: model-pp0, model-pp1, ...)
+      optim*.safetensors     optimizer state keyed "<param name>/<state key>", split the same way
       rng_rank<R>.safetensors  each rank's RNG state
       meta.json              step, config, loss scaler, data position; written last
 
@@ -69,13 +70,18 @@ def set_rng_state(st: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, *, rank: int, world_comm, params, optim,
-                    meta: dict, device: torch.device, writer_rank: int = 0, keep: int = 0) -> Path | None:
+                    meta: dict, device: torch.device, writer_rank: int = 0, keep: int = 0,
+                    writes_tensors: bool | None = None, part: str = "") -> Path | None:
     """Write checkpoint ``step`` under ``root`` collectively; returns its path on every rank.
 
-    ``params``/``optim`` are the full state (identical on all ranks, or only meaningful on
-    ``writer_rank``). Every rank writes its RNG state; ``writer_rank`` writes the tensors and, after
-    a barrier, the metadata and the rename that publishes the checkpoint.
+    ``params``/``optim`` are full (unsharded) tensors keyed by global parameter name. Ranks for
+    which ``writes_tensors`` is true (default: ``writer_rank`` only) write them to
+    ``model{part}.safetensors`` / ``optim{part}.safetensors`` -- e.g. one writer per pipeline
+    stage with ``part="-pp1"``. Every rank writes its RNG state; ``writer_rank`` then writes the
+    metadata and the rename that publishes the checkpoint.
     """
+    if writes_tensors is None:
+        writes_tensors = rank == writer_rank
     root = Path(root)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
@@ -86,9 +92,9 @@ def save_checkpoint(root: str | Path, step: int, *, rank: int, world_comm, param
         tmp.mkdir()
     world_comm.barrier()
     save_file(rng_state(device), str(tmp / f"rng_rank{rank}.safetensors"))
-    if rank == writer_rank:
-        save_file({k: v.contiguous() for k, v in params.items()}, str(tmp / "model.safetensors"))
-        save_file(_flatten_optim(optim), str(tmp / "optim.safetensors"))
+    if writes_tensors:
+        save_file({k: v.contiguous() for k, v in params.items()}, str(tmp / f"model{part}.safetensors"))
+        save_file(_flatten_optim(optim), str(tmp / f"optim{part}.safetensors"))
     world_comm.barrier()
     if rank == writer_rank:
         meta = dict(meta, step=step, time=time.time(), format="gigatrain-checkpoint-v1")
@@ -170,8 +176,17 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> LoadedCheckpoint:
     if meta.get("format") != "gigatrain-checkpoint-v1":
         raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}.")
     try:
-        params = load_file(str(path / "model.safetensors"))
-        optim = _unflatten_optim(load_file(str(path / "optim.safetensors")))
+        params: dict[str, torch.Tensor] = {}
+        flat_optim: dict[str, torch.Tensor] = {}
+        for f in sorted(path.glob("model*.safetensors")):
+            params.update(load_file(str(f)))
+        for f in sorted(path.glob("optim*.safetensors")):
+            flat_optim.update(load_file(str(f)))
+        if not params:
+            raise CheckpointError(f"{path}: no model*.safetensors file.")
+        optim = _unflatten_optim(flat_optim)
+    except CheckpointError:
+        raise
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"{path}: cannot read tensors ({e}). Only safetensors files are loaded.") from e
     rng_file = path / f"rng_rank{rank}.safetensors"
