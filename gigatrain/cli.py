@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg, args, argv: list[str]) -> int:
     from .checkpoint import resolve_resume
-    from .config import resolve_for_world
+    from .config import check_supported, resolve_for_world
     from .data import prepare_dataset
     from .dist.launch import launch_local, read_env
     from .trainer import train
@@ -104,6 +104,7 @@ def _train(cfg, args, argv: list[str]) -> int:
     else:
         world = args.nproc or cfg.nproc or 1
     resolved = resolve_for_world(cfg, world)
+    check_supported(resolved)
     resolve_resume(resolved.resume, Path(resolved.checkpoint.dir or Path(resolved.out) / "checkpoints"))
     try:
         if not worker:

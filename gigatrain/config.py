@@ -148,7 +148,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps from 0 to `train.lr`.")
     grad_clip: Optional[float] = Field(1.0, ge=0.0, description="Clip the global gradient norm to this value (null or 0 = no clipping).")
     stop_after: Optional[int] = Field(None, ge=1, description="Stop after this step while keeping the schedule of `train.steps` (null = run all steps).")
-    log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
+    log_every: int = Field(10, ge=1, description="Print a progress line every N steps when the output is not a terminal (logs, SLURM); `metrics.jsonl` gets every step.")
     eval_every: int = Field(0, ge=0, description="Evaluate on held-out data every N steps (0 = never).")
     sample_tokens: int = Field(200, ge=0, description="Tokens of text sampled from a gpt at the end of training (0 = none).")
 

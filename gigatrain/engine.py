@@ -105,6 +105,26 @@ class Engine:
         self.strategy.zero_grad()
         return StepResult(mean_loss, norm, False, self.scaler.scale if self.scaler else None)
 
+    @torch.no_grad()
+    def eval_step(self, micro_batches: Sequence[Batch]) -> tuple[float, float | None]:
+        """Mean loss (and accuracy for classifiers) over the global batch, without updating."""
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for x, y in micro_batches:
+            with self.precision.autocast(self.device):
+                out = self.model(x)
+                loss_sum += self.loss_fn(out, y).double()
+            if out.dim() == 2 and y.dim() == 1:
+                correct += (out.argmax(-1) == y).sum().double()
+                count += y.numel()
+        n = max(1, len(micro_batches))
+        mean = self._mean_over_dp(loss_sum / n)
+        acc = self._mean_over_dp(correct / count) if count else None
+        self.model.train()
+        return mean, acc
+
     def _mean_over_dp(self, value: torch.Tensor) -> float:
         dp = self.mesh.dp
         if dp.size > 1:

@@ -103,11 +103,19 @@ class MetricsLogger:
 class Progress:
     """A rich progress bar with loss and throughput; silent when disabled or not a terminal log."""
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, unit: str = "tok/s"):
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, unit: str = "tok/s",
+                 log_every: int = 10):
         self.enabled = enabled
         self.unit = unit
+        self.total = total
+        self.log_every = log_every
         self._bar = None
+        self._lines = False
         if not enabled:
+            return
+        if not sys.stdout.isatty():
+            # Batch logs (CI, SLURM) get plain lines instead of a redrawn bar.
+            self._lines = True
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
                                    TextColumn, TimeElapsedColumn, TimeRemainingColumn)
@@ -119,9 +127,11 @@ class Progress:
         self._bar.start()
 
     def update(self, step: int, loss: float, rate: float | None) -> None:
+        rate_s = "-" if rate is None or math.isnan(rate) else f"{rate:,.0f} {self.unit}"
+        if self._lines and (step % self.log_every == 0 or step == self.total):
+            print(f"step {step}/{self.total}  loss {loss:.4f}  {rate_s}", flush=True)
         if self._bar is None:
             return
-        rate_s = "-" if rate is None or math.isnan(rate) else f"{rate:,.0f} {self.unit}"
         self._bar.update(self._task, completed=step, loss=f"{loss:.4f}", rate=rate_s)
 
     def print(self, *args) -> None:

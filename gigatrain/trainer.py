@@ -89,10 +89,11 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
     logger = MetricsLogger(out, enabled=is_main, append=start > 0)
     show = is_main and not quiet
     unit = "tok/s" if model.tokens_per_sample > 1 else "samples/s"
-    bar = Progress(end, start, enabled=show, unit=unit)
+    bar = Progress(end, start, enabled=show, unit=unit, log_every=t.log_every)
     result = TrainResult(start_step=start, last_step=start)
     flops = float(model.train_flops_per_sample())
 
+    evaluate = _make_eval(cfg, engine, dp_rank, device) if t.eval_every > 0 else None
     loader = BatchLoader(dataset, sampler, dp_rank, p.dp, t.micro_batch, start_step=start,
                          device=device, num_workers=cfg.data.num_workers, end_step=end)
 
@@ -113,6 +114,13 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
                                tokens_per_sample=model.tokens_per_sample, flops_per_sample=flops,
                                world_size=world, device=device, precision=policy.name,
                                skipped=res.skipped, loss_scale=res.loss_scale)
+            if evaluate is not None and (done % t.eval_every == 0 or done == end):
+                rec["val_loss"], acc = evaluate()
+                if acc is not None:
+                    rec["val_accuracy"] = acc
+                if show:
+                    bar.print(f"step {done}: val loss {rec['val_loss']:.4f}"
+                              + (f", val accuracy {acc:.2%}" if acc is not None else ""))
             logger.log(rec)
             rate = rec["tokens_per_s"] if rec["tokens_per_s"] is not None else rec["samples_per_s"]
             bar.update(done, res.loss, rate)
@@ -136,6 +144,23 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
             print("\n--- sample ---\n" + result.sample + "\n--------------", flush=True)
     result.comm_sent = mesh.stats.summary()
     return result
+
+
+EVAL_BATCHES = 4  # global batches of the validation split per evaluation
+
+
+def _make_eval(cfg, engine: Engine, dp_rank: int, device):
+    """A function returning (val loss, val accuracy or None) on fixed validation batches."""
+    from types import SimpleNamespace
+    val = open_dataset(SimpleNamespace(**cfg.data.model_dump(), split="val"), cfg.model.seq_len)
+    t, p = cfg.train, cfg.parallel
+    sampler = GlobalBatchSampler(len(val), t.global_batch, t.seed)
+    batches = []
+    for step in range(EVAL_BATCHES):
+        for idx in sampler.local_microbatches(step, dp_rank, p.dp, t.micro_batch):
+            x, y = val.get_batch(idx)
+            batches.append((x.to(device), y.to(device)))
+    return lambda: engine.eval_step(batches)
 
 
 def _save(cfg, engine: Engine, root: Path, step: int, rank: int, mesh: Mesh, device) -> None:

@@ -65,7 +65,7 @@ def test_schema_defaults():
     assert (t.steps, t.global_batch, t.micro_batch, t.seed, t.optimizer, t.lr) == (200, 16, 8, 1234, "adamw", 1e-3)
     assert (t.min_lr_ratio, t.weight_decay, t.betas, t.momentum, t.schedule) == (0.1, 0.1, (0.9, 0.95), 0.0, "cosine")
     assert (t.warmup_steps, t.grad_clip, t.stop_after, t.log_every, t.eval_every, t.sample_tokens) == \
-        (20, 1.0, None, 1, 0, 200)
+        (20, 1.0, None, 10, 0, 200)
     assert t.min_lr == pytest.approx(1e-4) and t.clip_enabled
     assert (p.dp, p.pp, p.tp, p.zero, p.offload, p.offload_dir) == (None, 1, 1, 0, "none", None)
     assert (p.pp_schedule, p.pp_microbatches, p.pp_virtual, p.pp_balance) == ("1f1b", None, 1, "params")
