@@ -1,0 +1,264 @@
+"""Pipeline schedules on CPU gloo ranks: measured bubble vs the simulator, and step throughput of
+our runtime vs torch.distributed.pipelining on the same model and split.
+
+For every schedule we run a few timed steps of a small GPT, keep per-action timings of the last
+one, and
+- measure the bubble (idle share of the ranks' compute capacity over the step);
+- feed the measured per-stage F / B / W durations and a measured message latency to the
+  simulator, and report its predicted bubble and step time next to the measured ones;
+- time torch's ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B /
+  ScheduleInterleavedZeroBubble on the same stage modules, micro-batches and loss.
+
+Usage:
+    python benchmarks/bench_pipeline.py --world 2 --out runs/bench_pipeline.json
+
+One thread per rank; with 2 cores prefer --world 2 for throughput comparisons.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+# (label, our kind, V, torch schedule class name)
+SCHEDULES = [
+    ("naive", "naive", 1, None),
+    ("gpipe", "gpipe", 1, "ScheduleGPipe"),
+    ("1f1b", "1f1b", 1, "Schedule1F1B"),
+    ("interleaved V=2", "interleaved", 2, "ScheduleInterleaved1F1B"),
+    ("zb V=1", "zb", 1, None),
+    ("zb V=2", "zb", 2, "ScheduleInterleavedZeroBubble"),
+]
+
+
+def _model(cfg):
+    from gigatrain.models.gpt import GPT
+
+    torch.manual_seed(0)
+    return GPT(vocab_size=cfg["vocab"], seq_len=cfg["seq"], n_layer=cfg["layers"], n_head=cfg["heads"],
+               d_model=cfg["d_model"])
+
+
+def _batch(cfg, model, step):
+    g = torch.Generator().manual_seed(step)
+    return model.example_batch(cfg["mb"] * cfg["microbatches"], generator=g)
+
+
+def _latency(group, shape, reps=20):
+    """One-way time of one activation-sized message (half a ping-pong round trip)."""
+    rank, peer = dist.get_rank(group), 1 - dist.get_rank(group)
+    if rank > 1:
+        return 0.0
+    peer = dist.get_global_rank(group, peer)
+    t = torch.zeros(shape)
+    times = []
+    for _ in range(reps + 2):
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(t, peer, group=group)
+            dist.recv(t, peer, group=group)
+        else:
+            dist.recv(t, peer, group=group)
+            dist.send(t, peer, group=group)
+        times.append((time.perf_counter() - t0) / 2)
+    return statistics.median(times[2:])
+
+
+def _stage_costs(records, n_stages):
+    """Median measured F / B / W seconds per stage (0 where a kind is absent)."""
+    out = {}
+    for kind in "FBW":
+        per = []
+        for s in range(n_stages):
+            d = [r.end - r.start for r in records if r.action.kind == kind and r.action.stage == s]
+            per.append(statistics.median(d) if d else 0.0)
+        out[kind] = per
+    return out
+
+
+def _timed(group, fn):
+    """Wall time of ``fn()`` as the slowest rank saw it (ranks start together)."""
+    dist.barrier(group=group)
+    t0 = time.perf_counter()
+    fn()
+    span = torch.tensor([time.perf_counter() - t0])
+    dist.all_reduce(span, op=dist.ReduceOp.MAX, group=group)
+    return span.item()
+
+
+class _Ours:
+    def __init__(self, cfg, group, kind, V):
+        from gigatrain.parallel.pipeline.partition import uniform
+        from gigatrain.parallel.pipeline.runtime import PipelineRuntime
+        from gigatrain.parallel.pipeline.schedules import build_schedule
+
+        self.cfg, self.group, self.V = cfg, group, V
+        self.pp = dist.get_world_size(group)
+        self.model = _model(cfg)
+        self.sched = build_schedule(kind, self.pp, cfg["microbatches"], V)
+        self.rt = PipelineRuntime(self.model, uniform(cfg["layers"], self.pp * V), self.sched,
+                                  pp_group=group, virtual=V, record=True)
+        self.times, self.bubbles, self.costs = [], [], []
+
+    def step(self, step, keep):
+        from gigatrain.parallel.pipeline.runtime import split_microbatches
+        from gigatrain.parallel.pipeline.timeline import measured_bubble
+
+        mbs = split_microbatches(_batch(self.cfg, self.model, step), self.cfg["microbatches"])
+        dt = _timed(self.group, lambda: self.rt.step(mbs))
+        for p in self.rt.parameters():
+            p.grad = None
+        if keep:
+            parts = [None] * self.pp
+            dist.all_gather_object(parts, self.rt.records, group=self.group)
+            recs = [r for part in parts for r in part]
+            self.times.append(dt)
+            self.bubbles.append(measured_bubble(recs, self.pp))
+            self.costs.append(_stage_costs(recs, self.pp * self.V))
+
+    def result(self, latency):
+        from gigatrain.parallel.pipeline.simulate import Costs, simulate
+
+        S = self.pp * self.V
+        med = {k: [statistics.median(c[k][s] for c in self.costs) for s in range(S)] for k in "FBW"}
+        sim = simulate(self.sched, Costs(f=med["F"], b=med["B"], w=med["W"], comm=latency))
+        sim0 = simulate(self.sched, Costs(f=med["F"], b=med["B"], w=med["W"], comm=0.0))
+        return {
+            "step_s": statistics.median(self.times), "step_s_min": min(self.times),
+            "measured_bubble": statistics.median(self.bubbles),
+            "predicted_bubble": sim.bubble_fraction,
+            "predicted_bubble_free_comm": sim0.bubble_fraction,
+            "predicted_step_s": sim.makespan,
+            "stage_costs_ms": {k: [round(x * 1e3, 3) for x in v] for k, v in med.items()},
+        }
+
+
+class _Torch:
+    def __init__(self, cfg, group, cls_name, V):
+        import torch.distributed.pipelining as tpp
+
+        from gigatrain.parallel.pipeline.partition import uniform
+        from gigatrain.parallel.pipeline.runtime import build_stage_modules
+
+        self.cfg, self.group = cfg, group
+        self.pp, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.model = _model(cfg)
+        chunks = build_stage_modules(self.model, uniform(cfg["layers"], self.pp * V), self.rank, self.pp, V)
+        stages = [tpp.PipelineStage(c, c.stage, self.pp * V, torch.device("cpu"), group=group) for c in chunks]
+        self.sched = getattr(tpp, cls_name)(stages if V > 1 else stages[0], cfg["microbatches"],
+                                            loss_fn=self.model.loss)
+        self.times = []
+
+    def step(self, step, keep):
+        x, y = _batch(self.cfg, self.model, step)
+        kwargs = {"target": y, "losses": []} if self.rank == self.pp - 1 else {}
+        args = (x,) if self.rank == 0 else ()
+        dt = _timed(self.group, lambda: self.sched.step(*args, **kwargs))
+        for p in self.model.parameters():
+            p.grad = None
+        if keep:
+            self.times.append(dt)
+
+    def result(self):
+        return {"step_s": statistics.median(self.times), "step_s_min": min(self.times)}
+
+
+def _worker(rank, world, cfg):
+    torch.set_num_threads(1)
+    group = dist.new_group(list(range(world)))
+    cfg = dict(cfg)
+    cfg["latency"] = _latency(group, (cfg["mb"], cfg["seq"], cfg["d_model"]))
+    lat = torch.tensor([cfg["latency"]])
+    dist.broadcast(lat, 0, group=group)
+    cfg["latency"] = lat.item()
+    rows = []
+    for label, kind, V, peer in SCHEDULES:
+        if cfg["only"] and label not in cfg["only"]:
+            continue
+        row = {"schedule": label, "kind": kind, "virtual": V}
+        runners = [_Ours(cfg, group, kind, V)]
+        if peer:
+            try:
+                runners.append(_Torch(cfg, group, peer, V))
+            except Exception as e:  # report, keep benchmarking the rest
+                row["torch"] = {"class": peer, "error": f"{type(e).__name__}: {e}"}
+        # Alternate the two implementations step by step, so that load drifts hit both alike.
+        for step in range(cfg["warmup"] + cfg["steps"]):
+            for r in runners:
+                r.step(step, keep=step >= cfg["warmup"])
+        row["ours"] = runners[0].result(cfg["latency"])
+        if len(runners) > 1:
+            row["torch"] = {"class": peer, **runners[1].result()}
+        rows.append(row)
+    return {"latency_s": cfg["latency"], "rows": rows}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, default=2, help="pipeline ranks (gloo CPU processes)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--mb", type=int, default=4, help="micro-batch size (sequences)")
+    ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--only", nargs="*", default=None, help="schedule labels to run")
+    ap.add_argument("--out", default=None, help="write JSON results here")
+    args = ap.parse_args(argv)
+    cfg = {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "seq": args.seq,
+           "vocab": args.vocab, "mb": args.mb, "microbatches": args.microbatches,
+           "warmup": args.warmup, "steps": args.steps, "only": args.only}
+
+    from gigatrain.dist.spawn import spawn
+
+    t0 = time.time()
+    res = spawn(_worker, args.world, cfg, timeout_s=600)[0]
+    tokens = args.mb * args.microbatches * args.seq
+    model = _model(cfg)
+    print(f"GPT {args.layers}x{args.d_model}, seq {args.seq}, {sum(p.numel() for p in model.parameters())/1e6:.2f}M params; "
+          f"pp={args.world} gloo CPU ranks, 1 thread each; {args.microbatches} micro-batches of {args.mb}; "
+          f"message latency {res['latency_s']*1e3:.3f} ms; median (and min) of {args.steps} steps, "
+          "ours and torch's alternating step by step")
+    hdr = (f"{'schedule':<16} {'ours ms':>8} {'(min)':>6} {'tok/s':>8} {'torch ms':>9} {'(min)':>6} {'torch/ours':>10} "
+           f"{'bubble meas':>11} {'sim':>6} {'sim(0 lat)':>10} {'sim ms':>7}")
+    print(hdr)
+    print("-" * len(hdr))
+    for row in res["rows"]:
+        o = row["ours"]
+        t = row.get("torch", {})
+        t_ms = (f"{t['step_s']*1e3:9.1f} {t['step_s_min']*1e3:6.1f}" if "step_s" in t
+                else f"{'-' if not t else 'error':>9} {'':>6}")
+        ratio = f"{t['step_s']/o['step_s']:10.2f}" if "step_s" in t else f"{'-':>10}"
+        o["tokens_per_s"] = tokens / o["step_s"]
+        if "step_s" in t:
+            t["tokens_per_s"] = tokens / t["step_s"]
+        print(f"{row['schedule']:<16} {o['step_s']*1e3:8.1f} {o['step_s_min']*1e3:6.1f} {o['tokens_per_s']:8.0f} {t_ms} {ratio} "
+              f"{o['measured_bubble']:11.1%} {o['predicted_bubble']:6.1%} {o['predicted_bubble_free_comm']:10.1%} "
+              f"{o['predicted_step_s']*1e3:7.1f}")
+        if "error" in t:
+            print(f"    torch {t['class']}: {t['error']}")
+    out = {"config": {**cfg, "world": args.world}, "machine": platform.platform(),
+           "cpu_count": os.cpu_count(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - t0, **res}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"wrote {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
