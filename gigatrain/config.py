@@ -318,8 +318,8 @@ def _cross_problems(cfg: Config) -> list[str]:
     # parallel
     if par.offload != "none" and par.zero == 0:
         p.append(f"parallel.offload={par.offload} needs ZeRO: set parallel.zero to 1, 2 or 3, or parallel.offload=none.")
-    if par.pp_virtual > 1 and par.pp_schedule != "interleaved":
-        p.append(f"parallel.pp_virtual={par.pp_virtual} needs parallel.pp_schedule=interleaved "
+    if par.pp_virtual > 1 and par.pp_schedule not in ("interleaved", "zb"):
+        p.append(f"parallel.pp_virtual={par.pp_virtual} needs parallel.pp_schedule=interleaved or zb "
                  f"(got {par.pp_schedule}): change the schedule or set pp_virtual=1.")
     if par.pp > 1 and par.pp_schedule == "interleaved" and par.pp_virtual < 2:
         p.append("parallel.pp_schedule=interleaved needs parallel.pp_virtual >= 2 (with 1 it is plain 1f1b): "
@@ -357,7 +357,7 @@ def _cross_problems(cfg: Config) -> list[str]:
 #: schema accepts; `None` as a value also means "any".
 SUPPORTED: dict[str, Optional[set]] = {
     "parallel.zero": {0},
-    "parallel.pp": {1},
+    "parallel.pp": None,
     "parallel.tp": {1},
     "parallel.offload": {"none"},
 }

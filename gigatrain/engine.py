@@ -28,12 +28,24 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]  # groups: {"params", "decay"}
 
 
+@dataclass(frozen=True)
+class PipelinePlan:
+    """How to split the model over the pp axis (see ``gigatrain.parallel.pipeline``)."""
+
+    schedule: str = "1f1b"            # naive | gpipe | 1f1b | interleaved | zb
+    microbatches: int = 1             # micro-batches per step per data-parallel rank
+    virtual: int = 1                  # model chunks per rank (interleaved, zb)
+    balance: object = "params"        # params | time | uniform | list of blocks per stage
+    example_batch: object = None      # (inputs, targets) of one micro-batch, for balance="time"
+
+
 @dataclass
 class StepResult:
     loss: float            # mean loss over the global batch (unscaled)
     grad_norm: float       # global gradient norm before clipping (nan when the step was skipped)
     skipped: bool          # fp16 overflow: no update happened on any rank
     loss_scale: float | None = None
+    bubble: float | None = None  # measured pipeline bubble of this step (pp > 1)
 
 
 def _default_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -52,14 +64,21 @@ class Engine:
 
     def __init__(self, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *,
                  precision: PrecisionPolicy, grad_clip: float | None = None, zero: int = 0,
-                 bucket_mb: float = 25.0, loss_fn=None, strategy_options: dict | None = None):
+                 bucket_mb: float = 25.0, loss_fn=None, strategy_options: dict | None = None,
+                 pipeline: PipelinePlan | None = None):
         self.mesh = mesh
         self.device = mesh.device
         self.model = model.to(self.device)
         self.precision = precision
         self.grad_clip = grad_clip if grad_clip and grad_clip > 0 else None
         self.loss_fn = loss_fn or _default_loss(model)
-        self.strategy = build_grad_strategy(zero, self.model, mesh, bucket_mb=bucket_mb,
+        self.runtime = None
+        self.partition_text = ""
+        owned = self.model
+        if mesh.pp.size > 1:
+            owned = self._build_pipeline(pipeline or PipelinePlan())
+        self.owned = owned  # the parameters this rank trains, under their full-model names
+        self.strategy = build_grad_strategy(zero, owned, mesh, bucket_mb=bucket_mb,
                                             precision=precision, **(strategy_options or {}))
         self.optimizer = self.strategy.build_optimizer(optimizer_factory)
         self.scaler = DynamicLossScaler() if precision.loss_scaling else None
@@ -73,18 +92,12 @@ class Engine:
         global batch, exactly as one process with gradient accumulation would compute them.
         """
         self.model.train()
-        n = len(micro_batches)
         scale = self.scaler.scale if self.scaler else 1.0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, (x, y) in enumerate(micro_batches):
-            self.strategy.set_sync(i == n - 1)
-            with self.precision.autocast(self.device):
-                out = self.model(x)
-                loss = self.loss_fn(out, y)
-            loss_sum += loss.detach().double()
-            (loss * (scale / n)).backward()
-            self.strategy.after_backward()
-        mean_loss = self._mean_over_dp(loss_sum / n)
+        if self.runtime is None:
+            local_loss = self._local_forward_backward(micro_batches, scale)
+        else:
+            local_loss = self._pipeline_forward_backward(micro_batches, scale)
+        mean_loss = self._mean_over_dp(local_loss)
 
         if inject_overflow:
             self.strategy.grads()[0].view(-1)[0] = float("inf")
@@ -97,17 +110,105 @@ class Engine:
             return StepResult(mean_loss, float("nan"), True, scale)
 
         inv_scale = 1.0 / scale
-        norm = math.sqrt(self.strategy.grad_sq_norm()) * inv_scale
+        norm = math.sqrt(self._grad_sq_norm()) * inv_scale
         coef = inv_scale
         if self.grad_clip is not None and norm > self.grad_clip:
             coef *= self.grad_clip / (norm + 1e-6)
         self.strategy.step(self.optimizer, lr, coef)
         self.strategy.zero_grad()
-        return StepResult(mean_loss, norm, False, self.scaler.scale if self.scaler else None)
+        return StepResult(mean_loss, norm, False, self.scaler.scale if self.scaler else None,
+                          self._bubble())
+
+    def _local_forward_backward(self, micro_batches: Sequence[Batch], scale: float) -> torch.Tensor:
+        """Gradient accumulation over this rank's micro-batches; only the last one communicates."""
+        n = len(micro_batches)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
+            self.strategy.set_sync(i == n - 1)
+            with self.precision.autocast(self.device):
+                out = self.model(x)
+                loss = self.loss_fn(out, y)
+            loss_sum += loss.detach().double()
+            (loss * (scale / n)).backward()
+            self.strategy.after_backward()
+        return loss_sum / n
+
+    # -- pipeline parallel ----------------------------------------------------------------------
+    def _build_pipeline(self, plan: PipelinePlan) -> nn.Module:
+        from .parallel.pipeline import PipelineRuntime, build_schedule, partition_model
+
+        pp = self.mesh.pp
+        n_stages = pp.size * plan.virtual
+        part, text = partition_model(self.model, n_stages, plan.balance,
+                                     example_batch=plan.example_batch, pp=pp.size)
+        # Every rank must use the same cut; measured times differ per rank, so rank 0 decides.
+        bounds = torch.tensor(part.bounds, dtype=torch.int64)
+        self.mesh.world.broadcast(bounds, src=0)
+        if tuple(bounds.tolist()) != part.bounds:
+            from .parallel.pipeline import Partition
+            part = Partition(tuple(bounds.tolist()))
+        self.partition = part
+        self.partition_text = text
+        schedule = build_schedule(plan.schedule, pp.size, plan.microbatches, plan.virtual)
+        self._pp_scale = 1.0
+        self.runtime = PipelineRuntime(self.model, part, schedule, pp_group=pp.group,
+                                       virtual=plan.virtual, record=True,
+                                       loss_fn=lambda out, y: self.loss_fn(out, y) * self._pp_scale)
+        self._tied = self.runtime._tied if self.runtime._tie_peer is not None else []
+        return StagePart(self.model, self.runtime.parameters(), self.runtime.chunks)
+
+    def _pipeline_forward_backward(self, micro_batches: Sequence[Batch], scale: float) -> torch.Tensor:
+        """Run the schedule, accumulating locally, then reduce everything over dp at once.
+
+        The pipeline interleaves the backward passes of different micro-batches, so buckets are
+        not reduced during backward here; the tied-embedding gradient is completed by the runtime
+        first, then the strategy reduces all buckets.
+        """
+        self.strategy.set_sync(False)
+        self._pp_scale = scale
+        with self.precision.autocast(self.device):
+            loss = self.runtime.step(micro_batches)
+        self.strategy.reduce_accumulated()
+        return torch.tensor(loss / scale, dtype=torch.float64, device=self.device)
+
+    def _grad_sq_norm(self) -> float:
+        """Squared global gradient norm over every parameter of the model, each counted once."""
+        sq = self.strategy.grad_sq_norm()
+        pp = self.mesh.pp
+        if pp.size == 1:
+            return sq
+        if self._tied and pp.rank == pp.size - 1:
+            # The tied embedding's gradient also lives on the first stage: count it there only.
+            sq -= float(sum(p.grad.float().pow(2).sum() for p in self._tied if p.grad is not None))
+        t = torch.tensor([sq], dtype=torch.float64, device=self.device)
+        pp.all_reduce(t)
+        return float(t.item())
+
+    def _bubble(self) -> float | None:
+        """Measured bubble of the last pipeline step: 1 - sum(busy) / (pp x longest rank span)."""
+        if self.runtime is None or not self.runtime.records:
+            return None
+        comp = [r for r in self.runtime.records if r.action.is_compute]
+        busy = sum(r.end - r.start for r in comp)
+        span = max(r.end for r in comp) - min(r.start for r in comp)
+        t = torch.tensor([busy, span], dtype=torch.float64, device=self.device)
+        s = t.clone()
+        self.mesh.pp.all_reduce(s)                      # total busy
+        self.mesh.pp.all_reduce(t, op=torch.distributed.ReduceOp.MAX)   # longest span
+        return 1.0 - s[0].item() / (self.mesh.pp.size * t[1].item()) if t[1] > 0 else 0.0
+
+    def timeline_records(self) -> list:
+        """This rank's records of the last pipeline step (empty without a pipeline)."""
+        return list(self.runtime.records) if self.runtime is not None else []
 
     @torch.no_grad()
     def eval_step(self, micro_batches: Sequence[Batch]) -> tuple[float, float | None]:
-        """Mean loss (and accuracy for classifiers) over the global batch, without updating."""
+        """Mean loss (and accuracy for classifiers) over the global batch, without updating.
+
+        Not available with pipeline parallelism (the schedules have no forward-only mode yet).
+        """
+        if self.runtime is not None:
+            raise NotImplementedError("evaluation with parallel.pp > 1 is not supported yet")
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -160,6 +261,12 @@ class Stage0Strategy:
     def after_backward(self) -> None:
         self.dp.after_backward()
 
+    def reduce_accumulated(self) -> None:
+        """Reduce every bucket now (gradients were accumulated with sync off)."""
+        self.dp.buckets.reset()
+        self.dp.set_sync(True)
+        self.dp.after_backward()
+
     def grads(self) -> list[torch.Tensor]:
         return self.dp.grads()
 
@@ -184,6 +291,29 @@ class Stage0Strategy:
         load_params_by_name(self.model, params)
         if optim is not None:
             load_optimizer_state_by_name(self.model, optimizer, optim)
+
+
+class StagePart(nn.Module):
+    """The parameters one pipeline rank trains, named as in the full model.
+
+    Gradient strategies and checkpoints see only this rank's parameters, under the names they
+    have in the full model, so a checkpoint written by pipeline stages loads into any layout.
+    """
+
+    def __init__(self, model: nn.Module, params, chunks):
+        super().__init__()
+        ids = {id(p) for p in params}
+        self._named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+        self.chunks = nn.ModuleList(chunks)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        yield from ((prefix + n, p) for n, p in self._named)
+
+    def parameters(self, recurse: bool = True):
+        yield from (p for _, p in self._named)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - never called
+        raise RuntimeError("StagePart only groups parameters; the pipeline runtime runs the stages")
 
 
 def build_grad_strategy(zero: int, model: nn.Module, mesh: Mesh, **kwargs):

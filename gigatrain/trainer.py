@@ -20,7 +20,7 @@ from .data import open_dataset
 from .data.sampler import BatchLoader, GlobalBatchSampler
 from .dist.launch import DistEnv, distributed, read_env
 from .dist.mesh import Mesh, ParallelDims
-from .engine import Engine
+from .engine import Engine, PipelinePlan
 from .metrics import MetricsLogger, Progress, Timer, step_metrics
 from .models import build_model
 from .optim import build_optimizer, lr_at
@@ -64,10 +64,17 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, vocab_size=getattr(dataset, "vocab_size", None))
     policy = PrecisionPolicy.from_name(cfg.precision, device)
-    engine = Engine(model, mesh, lambda groups: build_optimizer(t, groups, device),
+    plan = None
+    if p.pp > 1:
+        plan = PipelinePlan(schedule=p.pp_schedule, microbatches=p.pp_microbatches or cfg.grad_accum,
+                            virtual=p.pp_virtual, balance=p.pp_balance,
+                            example_batch=model.example_batch(t.micro_batch) if p.pp_balance == "time" else None)
+    engine = Engine(model, mesh, lambda groups: build_optimizer(t, groups, device), pipeline=plan,
                     precision=policy, grad_clip=t.grad_clip, zero=p.zero, bucket_mb=p.bucket_mb,
                     strategy_options=({"offload": p.offload, "offload_dir": p.offload_dir}
                                       if p.zero else None))
+    if engine.partition_text and is_main and not quiet:
+        print(engine.partition_text, flush=True)
 
     ckpt_root = Path(cfg.checkpoint.dir or out / "checkpoints")
     start = 0
@@ -93,7 +100,14 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
     result = TrainResult(start_step=start, last_step=start)
     flops = float(model.train_flops_per_sample())
 
-    evaluate = _make_eval(cfg, engine, dp_rank, device) if t.eval_every > 0 else None
+    evaluate = None
+    if t.eval_every > 0:
+        if p.pp > 1:
+            if is_main:
+                print("note: train.eval_every is ignored with parallel.pp > 1 (no forward-only "
+                      "pipeline schedule yet)", flush=True)
+        else:
+            evaluate = _make_eval(cfg, engine, dp_rank, device)
     loader = BatchLoader(dataset, sampler, dp_rank, p.dp, t.micro_batch, start_step=start,
                          device=device, num_workers=cfg.data.num_workers, end_step=end)
 
@@ -114,6 +128,8 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
                                tokens_per_sample=model.tokens_per_sample, flops_per_sample=flops,
                                world_size=world, device=device, precision=policy.name,
                                skipped=res.skipped, loss_scale=res.loss_scale)
+            if res.bubble is not None:
+                rec["pipeline_bubble"] = res.bubble
             if evaluate is not None and (done % t.eval_every == 0 or done == end):
                 rec["val_loss"], acc = evaluate()
                 if acc is not None:
@@ -138,7 +154,11 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
         bar.close()
         logger.close()
 
-    if is_main and model.tokens_per_sample > 1 and t.sample_tokens > 0 and hasattr(model, "generate"):
+    if p.pp > 1:
+        _write_timeline(engine, mesh, out, cfg, is_main)
+    # With a pipeline rank 0 holds only the first stage's trained weights: no sample then.
+    if (is_main and p.pp == 1 and model.tokens_per_sample > 1 and t.sample_tokens > 0
+            and hasattr(model, "generate")):
         result.sample = _sample_text(model, dataset, device, t.sample_tokens, t.seed)
         if not quiet:
             print("\n--- sample ---\n" + result.sample + "\n--------------", flush=True)
@@ -168,8 +188,39 @@ def _save(cfg, engine: Engine, root: Path, step: int, rank: int, mesh: Mesh, dev
     meta = {"config": cfg.model_dump(mode="json"),
             "world_size": dist.get_world_size(),
             "loss_scaler": engine.scaler.state_dict() if engine.scaler else None}
+    # One writer per pipeline stage (its first data/tensor-parallel rank), each its own file.
+    c = mesh.coords
+    writer = c["dp"] == 0 and c["tp"] == 0
+    part = f"-pp{c['pp']}" if mesh.dims.pp > 1 else ""
     ckpt.save_checkpoint(root, step, rank=rank, world_comm=mesh.world, params=params, optim=optim,
-                         meta=meta, device=device, keep=cfg.checkpoint.keep)
+                         meta=meta, device=device, keep=cfg.checkpoint.keep,
+                         writes_tensors=writer, part=part)
+
+
+def _write_timeline(engine: Engine, mesh: Mesh, out: Path, cfg, is_main: bool) -> None:
+    """Gather the last step's action records of the first pipeline (dp = tp = 0) and plot them."""
+    from .parallel.pipeline import Record, plot_timeline
+    from .parallel.pipeline.schedules import B, F, W
+
+    kinds = {"F": 0, "B": 1, "W": 2}
+    recs = [r for r in engine.timeline_records() if r.action.is_compute]
+    n = torch.tensor([len(recs)], dtype=torch.int64)
+    mesh.pp.all_reduce(n, op=dist.ReduceOp.MAX)
+    rows = torch.full((int(n.item()), 5), -1.0, dtype=torch.float64)
+    for i, r in enumerate(recs):
+        rows[i] = torch.tensor([kinds[r.action.kind], r.action.stage, r.action.mb, r.start, r.end])
+    gathered = torch.empty((mesh.pp.size,) + tuple(rows.shape), dtype=torch.float64)
+    mesh.pp.all_gather(gathered.view(-1), rows.view(-1))
+    if not is_main:
+        return
+    cls = {0: F, 1: B, 2: W}
+    records = [Record(rank, cls[int(k)](int(s), int(m)), a, b)
+               for rank in range(mesh.pp.size) for k, s, m, a, b in gathered[rank].tolist() if k >= 0]
+    path = out / "pipeline_timeline.png"
+    p = cfg.parallel
+    title = (f"{p.pp_schedule}, pp={p.pp}" + (f", V={p.pp_virtual}" if p.pp_virtual > 1 else "")
+             + f", {p.pp_microbatches or cfg.grad_accum} micro-batches (last step)")
+    plot_timeline(records, path, title=title, n_ranks=mesh.pp.size)
 
 
 @torch.no_grad()
