@@ -1,0 +1,203 @@
+"""Distributed sampling that depends only on the seed and the global batch, and a prefetching loader.
+
+The sample stream is the concatenation of per-epoch permutations of the dataset; optimizer step
+``s`` consumes stream positions ``[s*GB, (s+1)*GB)``. Data parallel rank ``r`` of ``dp`` takes the
+contiguous slice ``[r*GB/dp, (r+1)*GB/dp)`` of that global batch and cuts it into micro-batches in
+order. So every layout sees the same global batch at every step, and any step can be computed
+directly, which makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+
+import torch
+
+__all__ = ["GlobalBatchSampler", "BatchLoader", "epoch_seed"]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """64-bit generator seed for ``epoch`` of a run seeded with ``seed`` (first 8 bytes of
+    SHA-256 of "seed:epoch"), so neighbouring seeds and epochs give unrelated permutations."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(epoch)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # keep it within int64 for manual_seed
+
+
+class GlobalBatchSampler:
+    """Sample indices for every optimizer step, independent of the parallel layout.
+
+    Args:
+        num_samples: dataset length (>= 1).
+        global_batch: samples per optimizer step, summed over all data-parallel ranks and
+            micro-batches (>= 1). It may exceed ``num_samples``; a step then spans epochs.
+        seed: run seed. Epoch ``e`` is ``torch.randperm(num_samples)`` drawn from a
+            ``torch.Generator`` seeded with ``epoch_seed(seed, e)``.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int = 0, *, cache_epochs: int = 2):
+        if num_samples < 1:
+            raise ValueError(f"the dataset is empty (num_samples={num_samples}); nothing to sample")
+        if global_batch < 1:
+            raise ValueError(f"global_batch must be >= 1, got {global_batch}")
+        self.num_samples = int(num_samples)
+        self.global_batch = int(global_batch)
+        self.seed = int(seed)
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._cache_epochs = max(1, cache_epochs)
+        self._lock = threading.Lock()  # loader threads share the permutation cache
+
+    @property
+    def steps_per_epoch(self) -> float:
+        """Optimizer steps per pass over the data (may be fractional)."""
+        return self.num_samples / self.global_batch
+
+    def epoch_permutation(self, epoch: int) -> torch.Tensor:
+        """The permutation of ``range(num_samples)`` used in ``epoch`` (int64)."""
+        with self._lock:
+            perm = self._cache.get(epoch)
+            if perm is None:
+                g = torch.Generator(device="cpu")
+                g.manual_seed(epoch_seed(self.seed, epoch))
+                perm = torch.randperm(self.num_samples, generator=g)
+                self._cache[epoch] = perm
+                while len(self._cache) > self._cache_epochs:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(epoch)
+            return perm
+
+    def indices_for_step(self, step: int) -> torch.Tensor:
+        """Dataset indices of the global batch of optimizer ``step`` (int64 ``[global_batch]``)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        n, start = self.num_samples, step * self.global_batch
+        end = start + self.global_batch
+        parts = []
+        pos = start
+        while pos < end:
+            epoch, offset = divmod(pos, n)
+            take = min(n - offset, end - pos)
+            parts.append(self.epoch_permutation(epoch)[offset : offset + take])
+            pos += take
+        return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
+
+    def local_indices(self, step: int, dp_rank: int, dp_size: int) -> torch.Tensor:
+        """This data-parallel rank's contiguous share of ``indices_for_step(step)``."""
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"bad data-parallel rank {dp_rank} of {dp_size}")
+        if self.global_batch % dp_size != 0:
+            raise ValueError(
+                f"global_batch ({self.global_batch}) must be divisible by the data-parallel size ({dp_size})"
+            )
+        per_rank = self.global_batch // dp_size
+        return self.indices_for_step(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+
+    def local_microbatches(self, step: int, dp_rank: int, dp_size: int, micro_batch: int) -> list[torch.Tensor]:
+        """This rank's share of step ``step`` cut, in order, into micro-batches of ``micro_batch``.
+
+        Raises ValueError unless ``global_batch`` divides by ``dp_size`` and the per-rank batch by
+        ``micro_batch``.
+        """
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        local = self.local_indices(step, dp_rank, dp_size)
+        if local.numel() % micro_batch != 0:
+            raise ValueError(
+                f"the per-rank batch (global_batch {self.global_batch} / dp {dp_size} = {local.numel()}) "
+                f"must be divisible by micro_batch ({micro_batch})"
+            )
+        return list(local.split(micro_batch))
+
+
+class BatchLoader:
+    """Iterate over optimizer steps, yielding this rank's micro-batches for each step.
+
+    Each item is a list of ``(inputs, targets)`` tuples, one per micro-batch, on ``device``.
+    Iteration starts at ``start_step`` and yields exactly what an uninterrupted run would have
+    yielded from that step on; it stops before ``end_step`` (None: never stops).
+
+    Batches are read by ``num_workers`` background threads (0: read in the caller's thread),
+    ``prefetch`` steps ahead. For CUDA devices host tensors are pinned and copied with
+    ``non_blocking=True`` on the current stream.
+
+    Args:
+        dataset: object with ``get_batch(indices) -> (inputs, targets)`` CPU tensors.
+        sampler: a ``GlobalBatchSampler``.
+        dp_rank, dp_size: this rank's place among data-parallel ranks.
+        micro_batch: samples per micro-batch.
+        start_step: first optimizer step to produce.
+        device: where to put the tensors.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        sampler: GlobalBatchSampler,
+        dp_rank: int,
+        dp_size: int,
+        micro_batch: int,
+        start_step: int = 0,
+        device: torch.device | str = "cpu",
+        num_workers: int = 1,
+        prefetch: int = 2,
+        end_step: int | None = None,
+    ):
+        self.dataset = dataset
+        self.sampler = sampler
+        self.dp_rank, self.dp_size, self.micro_batch = dp_rank, dp_size, micro_batch
+        self.start_step = int(start_step)
+        self.end_step = end_step
+        self.device = torch.device(device)
+        self.num_workers = max(0, int(num_workers))
+        self.prefetch = max(1, int(prefetch), self.num_workers)
+        self.pin = self.device.type == "cuda" and torch.cuda.is_available()
+        # Fail now, not in a worker thread, if the batch does not divide.
+        sampler.local_microbatches(self.start_step, dp_rank, dp_size, micro_batch)
+
+    def load_step(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Host (CPU) micro-batches of ``step`` for this rank, pinned when the device is CUDA."""
+        out = []
+        for idx in self.sampler.local_microbatches(step, self.dp_rank, self.dp_size, self.micro_batch):
+            x, y = self.dataset.get_batch(idx)
+            if self.pin:
+                x, y = x.pin_memory(), y.pin_memory()
+            out.append((x, y))
+        return out
+
+    def _to_device(self, host: list[tuple[torch.Tensor, torch.Tensor]]):
+        if self.device.type == "cpu":
+            return host
+        return [(x.to(self.device, non_blocking=self.pin), y.to(self.device, non_blocking=self.pin)) for x, y in host]
+
+    def _steps(self) -> Iterator[int]:
+        step = self.start_step
+        while self.end_step is None or step < self.end_step:
+            yield step
+            step += 1
+
+    def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        if self.num_workers == 0:
+            for step in self._steps():
+                yield self._to_device(self.load_step(step))
+            return
+        steps = self._steps()
+        with ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="gigatrain-data") as pool:
+            pending: deque = deque()
+            try:
+                for step in steps:
+                    pending.append(pool.submit(self.load_step, step))
+                    if len(pending) >= self.prefetch:
+                        break
+                while pending:
+                    host = pending.popleft().result()
+                    nxt = next(steps, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(self.load_step, nxt))
+                    yield self._to_device(host)
+            finally:
+                for fut in pending:
+                    fut.cancel()
