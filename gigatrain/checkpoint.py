@@ -104,7 +104,9 @@ def save_checkpoint(root: str | Path, step: int, *, rank: int, world_comm, param
         os.replace(tmp, final)
         _write_atomic(root / "latest", final.name + "\n")
         if keep and keep > 0:
-            for old in sorted(list_checkpoints(root))[:-keep]:
+            # Rotate among this run's history (steps up to this one); never the one just written.
+            older = [s for s in list_checkpoints(root) if s < step]
+            for old in older[:max(0, len(older) - (keep - 1))]:
                 shutil.rmtree(root / f"step_{old:06d}", ignore_errors=True)
     world_comm.barrier()
     return final
@@ -133,8 +135,26 @@ def list_checkpoints(root: str | Path) -> list[int]:
 
 
 def find_latest(root: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names (the last one written), else the highest complete step.
+
+    After resuming from an older checkpoint, higher-numbered ones from the abandoned run may
+    still exist; ``latest`` points at what this run wrote last, so those are not picked up.
+    """
+    root = Path(root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if STEP_DIR.match(cand.name) and (cand / META).is_file():
+            return cand
     steps = list_checkpoints(root)
-    return Path(root) / f"step_{steps[-1]:06d}" if steps else None
+    return root / f"step_{steps[-1]:06d}" if steps else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    m = STEP_DIR.match(Path(path).name)
+    if not m:
+        raise CheckpointError(f"{path} is not a step_NNNNNN checkpoint directory.")
+    return int(m.group(1))
 
 
 def resolve_resume(resume: str | None, default_root: str | Path) -> Path | None:
@@ -190,5 +210,8 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> LoadedCheckpoint:
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"{path}: cannot read tensors ({e}). Only safetensors files are loaded.") from e
     rng_file = path / f"rng_rank{rank}.safetensors"
-    rng = load_file(str(rng_file)) if rng_file.is_file() else None
+    try:
+        rng = load_file(str(rng_file)) if rng_file.is_file() else None
+    except Exception as e:
+        raise CheckpointError(f"{rng_file}: cannot read the RNG state ({e}).") from e
     return LoadedCheckpoint(path, int(meta["step"]), meta, params, optim, rng)

@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg, args, argv: list[str]) -> int:
-    from .checkpoint import resolve_resume
-    from .config import check_supported, resolve_for_world
+    from .checkpoint import CheckpointError, resolve_resume
+    from .config import ConfigError, check_supported, resolve_for_world
+    from .dist.mesh import LayoutError
+    from .parallel.pipeline.schedules import ScheduleError
     from .data import prepare_dataset
     from .dist.launch import launch_local, read_env
     from .trainer import train
@@ -99,10 +101,13 @@ def _train(cfg, args, argv: list[str]) -> int:
 
     env = read_env()
     worker = os.environ.get(WORKER_ENV) == "1"
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the number of processes must be at least 1.")
     if env.is_distributed_launch:
         world = env.world_size
     else:
-        world = args.nproc or cfg.nproc or 1
+        world = args.nproc if args.nproc is not None else (cfg.nproc or 1)
+        world = _fit_to_gpus(cfg, world, explicit=args.nproc is not None)
     resolved = resolve_for_world(cfg, world)
     check_supported(resolved)
     resolve_resume(resolved.resume, Path(resolved.checkpoint.dir or Path(resolved.out) / "checkpoints"))
@@ -114,7 +119,13 @@ def _train(cfg, args, argv: list[str]) -> int:
         return _fail(str(e))
 
     if env.is_distributed_launch or world == 1:
-        train(cfg, env=env, quiet=args.quiet)
+        try:
+            train(cfg, env=env, quiet=args.quiet)
+        except (ConfigError, LayoutError, CheckpointError, ScheduleError) as e:
+            # Every rank hits the same problem: one paragraph from the first rank is enough.
+            if env.rank == 0:
+                _fail(str(e))
+            return 2
         return 0
     # Start the workers through torch's launcher; they re-enter here with the torchrun variables.
     worker_argv = [a for a in argv if not a.startswith("--nproc")]
@@ -125,6 +136,25 @@ def _train(cfg, args, argv: list[str]) -> int:
     if code:
         return _fail(f"a worker process failed (exit code {code}); its error is printed above.")
     return 0
+
+
+def _fit_to_gpus(cfg, world: int, explicit: bool) -> int:
+    """One process per GPU: with fewer GPUs than processes, shrink a pure data-parallel job
+    started from the config's default, and refuse anything else with the fix."""
+    import torch
+
+    if not torch.cuda.is_available() or world <= torch.cuda.device_count():
+        return world
+    from .config import ConfigError
+
+    n = torch.cuda.device_count()
+    p = cfg.parallel
+    if not explicit and p.pp == 1 and p.tp == 1 and p.dp is None:
+        print(f"gigatrain: {world} processes asked for but {n} GPU(s) visible: running {n} "
+              f"(one per GPU).", flush=True)
+        return n
+    raise ConfigError(f"{world} processes need {world} GPUs (one per process) but {n} are visible: use "
+                      f"--nproc {n} (and a layout with dp x pp x tp = {n}), or run on a machine with more GPUs.")
 
 
 if __name__ == "__main__":  # pragma: no cover

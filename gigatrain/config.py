@@ -270,7 +270,13 @@ class Config(_Section):
 
 def _n_blocks(model: ModelConfig) -> int | None:
     """Blocks in `model.blocks` for models where the config alone determines it."""
-    return model.n_layer if model.name in ("gpt", "vit") else None
+    if model.name == "coatnet":
+        return sum(model.coatnet_depths)
+    return model.n_layer
+
+
+def _blocks_key(model: ModelConfig) -> str:
+    return "sum of model.coatnet_depths" if model.name == "coatnet" else "model.n_layer"
 
 
 def _cross_problems(cfg: Config) -> list[str]:
@@ -301,6 +307,9 @@ def _cross_problems(cfg: Config) -> list[str]:
                  f"one of {', '.join(TEXT_DATASETS)}, or use model.name=vit or coatnet for images.")
     if d.name == "textfile" and not d.path:
         p.append("data.name=textfile needs data.path: set it to a UTF-8 text file.")
+    if d.name == "fashion_mnist" and m.name in IMAGE_MODELS and m.image_size != 28:
+        p.append(f"data.name=fashion_mnist has 28x28 images but model.image_size={m.image_size}: set "
+                 f"model.image_size=28.")
     if d.name == "fashion_mnist" and m.name in IMAGE_MODELS and (m.in_chans != 1 or m.num_classes != 10):
         p.append(f"data.name=fashion_mnist has 1-channel images in 10 classes but model.in_chans={m.in_chans} and "
                  f"model.num_classes={m.num_classes}: set model.in_chans=1 and model.num_classes=10.")
@@ -334,10 +343,10 @@ def _cross_problems(cfg: Config) -> list[str]:
             p.append(f"parallel.pp_balance ({par.pp_balance}) must give every stage at least one block.")
         if n_blocks is not None and sum(par.pp_balance) != n_blocks:
             p.append(f"parallel.pp_balance ({par.pp_balance}) sums to {sum(par.pp_balance)} but the model has "
-                     f"{n_blocks} blocks (model.n_layer): make the counts add up to {n_blocks}.")
+                     f"{n_blocks} blocks ({_blocks_key(m)}): make the counts add up to {n_blocks}.")
     if n_blocks is not None and n_stages > n_blocks:
         p.append(f"parallel.pp x parallel.pp_virtual = {n_stages} stages but the model has only {n_blocks} blocks "
-                 f"(model.n_layer): raise n_layer or lower pp/pp_virtual.")
+                 f"({_blocks_key(m)}): use a deeper model or lower pp/pp_virtual.")
     if par.tp > 1 and m.name in ("gpt", "vit") and m.n_head % par.tp:
         p.append(f"model.n_head ({m.n_head}) is not divisible by parallel.tp ({par.tp}): tensor parallel splits "
                  "attention heads, so choose a tp that divides n_head.")
@@ -801,6 +810,11 @@ def resolve_for_world(cfg: Config, world_size: int) -> Config:
                         f"({t.global_batch}) / (train.micro_batch ({t.micro_batch}) x parallel.dp ({dp})) = {accum} "
                         f"micro-batches per step: set pp_microbatches=null (it then becomes {accum}), or change "
                         "train.micro_batch so that global_batch = micro_batch x dp x pp_microbatches.")
+                if par.pp_virtual > 1 and accum % par.pp:
+                    problems.append(
+                        f"parallel.pp_schedule={par.pp_schedule} with parallel.pp_virtual={par.pp_virtual} needs the "
+                        f"micro-batches per step ({accum} = global_batch / (micro_batch x dp)) to be a multiple of "
+                        f"parallel.pp ({par.pp}): change train.micro_batch or train.global_batch.")
         data["parallel"]["dp"] = dp
 
     if cfg.debug.inject_overflow_step is not None and cfg.debug.inject_overflow_rank >= world_size:

@@ -68,7 +68,8 @@ class Engine:
                  pipeline: PipelinePlan | None = None):
         self.mesh = mesh
         self.device = mesh.device
-        self.model = model.to(self.device)
+        # With a pipeline each rank moves only its own stages to the device (in _build_pipeline).
+        self.model = model.to(self.device) if mesh.pp.size == 1 else model
         self.precision = precision
         self.grad_clip = grad_clip if grad_clip and grad_clip > 0 else None
         self.loss_fn = loss_fn or _default_loss(model)
@@ -135,18 +136,20 @@ class Engine:
 
     # -- pipeline parallel ----------------------------------------------------------------------
     def _build_pipeline(self, plan: PipelinePlan) -> nn.Module:
-        from .parallel.pipeline import PipelineRuntime, build_schedule, partition_model
+        from .parallel.pipeline import (Partition, PipelineRuntime, build_schedule, build_stage_modules,
+                                        partition_model)
 
         pp = self.mesh.pp
         n_stages = pp.size * plan.virtual
         part, text = partition_model(self.model, n_stages, plan.balance,
                                      example_batch=plan.example_batch, pp=pp.size)
         # Every rank must use the same cut; measured times differ per rank, so rank 0 decides.
-        bounds = torch.tensor(part.bounds, dtype=torch.int64)
+        bounds = torch.tensor(part.bounds, dtype=torch.int64, device=self.device)
         self.mesh.world.broadcast(bounds, src=0)
         if tuple(bounds.tolist()) != part.bounds:
-            from .parallel.pipeline import Partition
             part = Partition(tuple(bounds.tolist()))
+        for chunk in build_stage_modules(self.model, part, pp.rank, pp.size, plan.virtual):
+            chunk.to(self.device)
         self.partition = part
         self.partition_text = text
         schedule = build_schedule(plan.schedule, pp.size, plan.microbatches, plan.virtual)
@@ -236,12 +239,33 @@ class Engine:
 
     # -- state for checkpoints ------------------------------------------------------------------
     def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-        """(parameters by name, optimizer state by parameter name), full and unsharded, on CPU."""
-        return self.strategy.full_state(self.optimizer)
+        """(parameters and persistent buffers by name, optimizer state by parameter name), full
+        and unsharded, on CPU."""
+        params, optim = self.strategy.full_state(self.optimizer)
+        params = dict(params)
+        for name, b in self._owned_buffers().items():
+            params[name] = b.detach().to("cpu").clone()
+        return params, optim
 
     def load_full_state(self, params: dict[str, torch.Tensor],
                         optim: dict[str, dict[str, torch.Tensor]] | None) -> None:
-        self.strategy.load_full_state(self.optimizer, params, optim)
+        """Load state saved by ``full_state`` in any layout; a mismatch raises ``ValueError``."""
+        try:
+            self.strategy.load_full_state(self.optimizer, params, optim)
+        except KeyError as e:
+            raise ValueError(str(e).strip("'\"")) from None
+        with torch.no_grad():
+            for name, b in self._owned_buffers().items():
+                if name in params:
+                    if tuple(params[name].shape) != tuple(b.shape):
+                        raise ValueError(f"buffer {name}: checkpoint shape {tuple(params[name].shape)} "
+                                         f"!= model {tuple(b.shape)}")
+                    b.copy_(params[name])
+
+    def _owned_buffers(self) -> dict[str, torch.Tensor]:
+        """Persistent buffers (e.g. BatchNorm statistics) of the modules this rank runs."""
+        mine = {id(b) for b in self.owned.buffers()}
+        return {n: b for n, b in persistent_buffers(self.model).items() if id(b) in mine}
 
 
 class Stage0Strategy:
@@ -328,6 +352,16 @@ def build_grad_strategy(zero: int, model: nn.Module, mesh: Mesh, **kwargs):
 
 
 # -- name-keyed state, shared by every strategy -------------------------------------------------
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that belong in a checkpoint (those ``state_dict`` keeps), by full name."""
+    out = {}
+    for mname, m in model.named_modules():
+        for bname, b in m.named_buffers(recurse=False):
+            if b is not None and bname not in m._non_persistent_buffers_set:
+                out.setdefault(f"{mname}.{bname}" if mname else bname, b)
+    return out
+
+
 def unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Parameters by their first name (a tied weight appears once)."""
     return list(model.named_parameters())

@@ -29,8 +29,11 @@ def device_peak_flops(device: torch.device, precision: str = "bf16") -> float | 
     name = torch.cuda.get_device_name(device)
     for key, peak in PEAK_BF16_FLOPS:
         if key in name:
-            # fp32 matmuls run as TF32 at half the bf16 rate on these parts.
-            return peak if precision in ("bf16", "fp16") else peak / 2
+            if precision in ("bf16", "fp16"):
+                return peak
+            # fp32 matmuls reach half the bf16 rate only as TF32; plain fp32 has no tensor-core
+            # peak we could honestly compare with.
+            return peak / 2 if torch.backends.cuda.matmul.allow_tf32 else None
     return None
 
 
@@ -68,14 +71,27 @@ def step_metrics(*, step: int, loss: float, lr: float, grad_norm: float, seconds
 class MetricsLogger:
     """Writes one JSON line per step (and TensorBoard scalars when it is installed); rank 0 only."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, append: bool = False):
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int = 0):
+        """``resume_step > 0`` keeps the records of steps up to it (a resumed run) and drops
+        later ones, which a crashed run may have logged after its last checkpoint."""
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.file = open(out / "metrics.jsonl", "a" if append else "w")
+        path = out / "metrics.jsonl"
+        kept = []
+        if resume_step > 0 and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+        self.file = open(path, "w")
+        for line in kept:
+            self.file.write(line + "\n")
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out / "tensorboard"))
@@ -85,11 +101,13 @@ class MetricsLogger:
     def log(self, rec: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(rec) + "\n")
+        # NaN/inf are not JSON: write them as null.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+        self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
         if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None and not isinstance(v, bool):
+            for k, v in clean.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, rec["step"])
 
     def close(self) -> None:

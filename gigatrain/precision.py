@@ -51,11 +51,13 @@ class DynamicLossScaler:
 
     def found_overflow(self, grads: list[torch.Tensor], group=None) -> bool:
         """True if any gradient on any rank of ``group`` is inf or NaN (one tiny all-reduce)."""
-        flag = torch.zeros(1, dtype=torch.float32, device=grads[0].device if grads else "cpu")
-        for g in grads:
-            if not torch.isfinite(g).all():
-                flag.fill_(1.0)
-                break
+        device = grads[0].device if grads else "cpu"
+        flag = torch.zeros(1, dtype=torch.float32, device=device)
+        if grads:
+            # One fused pass and no host sync per tensor: a norm is inf/NaN iff an entry is.
+            norms = torch.stack(torch._foreach_norm([g.float() if g.dtype != torch.float32 else g
+                                                     for g in grads]))
+            flag = (~torch.isfinite(norms)).any().float().reshape(1)
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item() > 0)

@@ -68,7 +68,8 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
     if p.pp > 1:
         plan = PipelinePlan(schedule=p.pp_schedule, microbatches=p.pp_microbatches or cfg.grad_accum,
                             virtual=p.pp_virtual, balance=p.pp_balance,
-                            example_batch=model.example_batch(t.micro_batch) if p.pp_balance == "time" else None)
+                            example_batch=(model.example_batch(t.micro_batch, generator=torch.Generator().manual_seed(0))
+                                           if p.pp_balance == "time" else None))
     engine = Engine(model, mesh, lambda groups: build_optimizer(t, groups, device), pipeline=plan,
                     precision=policy, grad_clip=t.grad_clip, zero=p.zero, bucket_mb=p.bucket_mb,
                     strategy_options=({"offload": p.offload, "offload_dir": p.offload_dir}
@@ -77,23 +78,14 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
         print(engine.partition_text, flush=True)
 
     ckpt_root = Path(cfg.checkpoint.dir or out / "checkpoints")
-    start = 0
-    resume_from = ckpt.resolve_resume(cfg.resume, ckpt_root)
-    if resume_from is not None:
-        loaded = ckpt.load_checkpoint(resume_from, rank)
-        engine.load_full_state(loaded.params, loaded.optim)
-        if engine.scaler is not None and "loss_scaler" in loaded.meta:
-            engine.scaler.load_state_dict(loaded.meta["loss_scaler"])
-        if loaded.rng is not None:
-            ckpt.set_rng_state(loaded.rng, device)
-        start = loaded.step
-        if is_main and not quiet:
-            print(f"resuming from {resume_from} at step {start}", flush=True)
+    start = _resume(cfg, engine, ckpt_root, rank, mesh, device)
+    if start and is_main and not quiet:
+        print(f"resuming from step {start} ({ckpt_root})", flush=True)
 
     dp_rank = mesh.coords["dp"]
     sampler = GlobalBatchSampler(len(dataset), t.global_batch, t.seed)
     end = t.stop_after if t.stop_after is not None else t.steps
-    logger = MetricsLogger(out, enabled=is_main, append=start > 0)
+    logger = MetricsLogger(out, enabled=is_main, resume_step=start)
     show = is_main and not quiet
     unit = "tok/s" if model.tokens_per_sample > 1 else "samples/s"
     bar = Progress(end, start, enabled=show, unit=unit, log_every=t.log_every)
@@ -166,6 +158,41 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
     return result
 
 
+def _resume(cfg, engine: Engine, root: Path, rank: int, mesh: Mesh, device) -> int:
+    """Load the checkpoint named by ``cfg.resume`` on every rank; returns the step to start from.
+
+    All ranks must agree on the checkpoint and all must load it: a rank that cannot would
+    otherwise leave the others waiting in a collective, so failures are shared and every rank
+    raises the same ``CheckpointError``.
+    """
+    path = ckpt.resolve_resume(cfg.resume, root)
+    step = ckpt.checkpoint_step(path) if path is not None else 0
+    seen = torch.tensor([step, -step], dtype=torch.float64, device=device)
+    mesh.world.all_reduce(seen, op=dist.ReduceOp.MAX)
+    if seen[0].item() != -seen[1].item():
+        raise ckpt.CheckpointError(
+            f"ranks see different checkpoints to resume from (steps {int(-seen[1].item())} to "
+            f"{int(seen[0].item())}) under {root}: checkpoint.dir must be on a filesystem every node shares.")
+    if path is None:
+        return 0
+    error = ""
+    try:
+        loaded = ckpt.load_checkpoint(path, rank)
+        engine.load_full_state(loaded.params, loaded.optim)
+        if engine.scaler is not None and loaded.meta.get("loss_scaler"):
+            engine.scaler.load_state_dict(loaded.meta["loss_scaler"])
+        if loaded.rng is not None:
+            ckpt.set_rng_state(loaded.rng, device)
+    except (ckpt.CheckpointError, ValueError, KeyError, OSError) as e:
+        error = f"cannot resume from {path}: {e}"
+    ok = torch.tensor([0.0 if error else 1.0], device=device)
+    mesh.world.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() < 1:
+        raise ckpt.CheckpointError(error or f"cannot resume from {path}: another rank failed to load it "
+                                            "(see its message).")
+    return step
+
+
 EVAL_BATCHES = 4  # global batches of the validation split per evaluation
 
 
@@ -204,13 +231,16 @@ def _write_timeline(engine: Engine, mesh: Mesh, out: Path, cfg, is_main: bool) -
 
     kinds = {"F": 0, "B": 1, "W": 2}
     recs = [r for r in engine.timeline_records() if r.action.is_compute]
-    n = torch.tensor([len(recs)], dtype=torch.int64)
+    dev = mesh.device
+    n = torch.tensor([len(recs)], dtype=torch.int64, device=dev)
     mesh.pp.all_reduce(n, op=dist.ReduceOp.MAX)
     rows = torch.full((int(n.item()), 5), -1.0, dtype=torch.float64)
     for i, r in enumerate(recs):
         rows[i] = torch.tensor([kinds[r.action.kind], r.action.stage, r.action.mb, r.start, r.end])
-    gathered = torch.empty((mesh.pp.size,) + tuple(rows.shape), dtype=torch.float64)
+    rows = rows.to(dev)
+    gathered = torch.empty((mesh.pp.size,) + tuple(rows.shape), dtype=torch.float64, device=dev)
     mesh.pp.all_gather(gathered.view(-1), rows.view(-1))
+    gathered = gathered.cpu()
     if not is_main:
         return
     cls = {0: F, 1: B, 2: W}

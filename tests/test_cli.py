@@ -65,3 +65,17 @@ def test_cli_subprocess_clean_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gigatrain", "train", "train.global_batch=7", "--nproc", "2",
                         f"out={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback (most recent" not in r.stderr and "global_batch" in r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train.global_batch=24", "train.micro_batch=8", "parallel.pp=2", "parallel.pp_schedule=interleaved",
+      "parallel.pp_virtual=2", "model.n_layer=4", "--nproc", "2"], "multiple of parallel.pp"),
+    (["model.name=coatnet", "data.name=fashion_mnist", "parallel.pp=2", "parallel.pp_balance=[1,1]",
+      "--nproc", "2"], "coatnet_depths"),
+    (["model.name=vit", "data.name=fashion_mnist", "model.image_size=32"], "image_size"),
+    (["--nproc", "0"], "nproc"),
+])
+def test_more_bad_layouts(args, needle, capsys, tmp_path):
+    code = main(["train", *BASE, f"out={tmp_path}", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err

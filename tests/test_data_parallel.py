@@ -58,8 +58,11 @@ def _check_dp(rank, world):
         opts[1].zero_grad()
         opts[2].zero_grad()
     out["param_vs_ref"] = max((p - q).abs().max().item() for p, q in zip(ours.parameters(), ref.parameters()))
-    out["grads_are_views"] = all(p.grad.data_ptr() >= b.buffer.data_ptr()
-                                 for b in dp.buckets.buckets for p in b.params)
+    out["grads_are_views"] = all(
+        b.buffer.data_ptr() <= p.grad.data_ptr()
+        and p.grad.data_ptr() + p.grad.numel() * p.grad.element_size()
+        <= b.buffer.data_ptr() + b.buffer.numel() * b.buffer.element_size()
+        for b in dp.buckets.buckets for p in b.params)
     out["numel"] = sum(p.numel() for p in ours.parameters())
     return out
 

@@ -18,11 +18,15 @@ def test_read_env_torchrun_slurm_single():
                   "MASTER_ADDR": "h0", "MASTER_PORT": "1234"})
     assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.source) == \
         (3, 8, 1, "h0", 1234, "torchrun")
-    s = read_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+    s = read_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
                   "SLURM_JOB_NODELIST": "gpu[12-15]", "SLURM_JOB_ID": "4242", "SLURM_NTASKS_PER_NODE": "4"})
     assert (s.rank, s.world_size, s.local_rank, s.master_addr, s.source) == (5, 16, 1, "gpu12", "slurm")
     assert s.master_port == 20000 + 4242 and s.local_world_size == 4
     assert read_env({}).source == "single"
+    # The batch script itself (no step id) is not a rank; uneven task counts parse.
+    assert read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).source == "single"
+    u = read_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_STEPID": "1", "SLURM_TASKS_PER_NODE": "2,1"})
+    assert (u.world_size, u.local_world_size, u.source) == (3, 2, "slurm")
 
 
 def test_parallel_dims():

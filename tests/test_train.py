@@ -96,5 +96,4 @@ def test_run_outputs(runs):
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "peak_mem_bytes"):
         assert key in rec
     assert rec["mfu"] is None and rec["tokens_per_s"] > 0 and rec["step"] == 10
-    assert (tmp / "adamw2" / "config.yaml").read_text().startswith("")
     assert load_config(str(tmp / "adamw2" / "config.yaml"), []).parallel.dp == 2

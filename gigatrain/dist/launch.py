@@ -94,15 +94,18 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT", 29500)),
             source="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # Only tasks started by srun have a step id; a batch script or salloc shell inside the
+    # allocation also has SLURM_PROCID/NTASKS but is not one of the job's ranks.
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and (
+            "SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
         world = int(env["SLURM_NTASKS"])
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
         master = env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0]
         # A port derived from the job id lets two jobs share a node without colliding.
         port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-        local_world = int(tasks_per_node) if tasks_per_node.isdigit() else int(
-            env.get("SLURM_LOCAL_NTASKS", env.get("SLURM_TASKS_PER_NODE", "1").split("(")[0] or 1))
+        # SLURM_TASKS_PER_NODE looks like "4(x2),3": take this node's count when it is uniform.
+        first = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1")
+        local_world = int(first.group()) if first else 1
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),
             world_size=world,

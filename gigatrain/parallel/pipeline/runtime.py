@@ -251,10 +251,17 @@ class PipelineRuntime:
         self._split = {s: SplitBackward(c) for s, c in self.by_stage.items()} if self.split_backward else {}
         self._in_meta: dict[int, tuple] = {}   # stage -> (shape, dtype) of its input
         self._sent_meta: dict[int, tuple] = {}  # stage -> (shape, dtype) announced for its output
-        p0 = next(iter(model.parameters()), None)
+        # The device of this rank's own stages (other stages of the model may stay on the CPU).
+        p0 = next(iter(self.parameters()), None)
         self.device = p0.device if p0 is not None else torch.device("cpu")
+        # Accurate per-action times on a GPU need a sync at each boundary; only when recording.
+        self._sync_times = record and self.device.type == "cuda"
         self._tied = tied_parameters(model) if self.pp > 1 else []
         self._tie_peer = None
+        if self._tied and self.pp > 1:
+            # With NCCL the first operation on a group must involve all its ranks; the tied
+            # weight exchange below is between the first and last stage only.
+            dist.barrier(group=self.group)
         if self._tied and self.rank in (0, self.pp - 1):
             self._tie_peer = self._global(self.pp - 1 if self.rank == 0 else 0)
             self._sync_tied_values()
@@ -340,6 +347,8 @@ class PipelineRuntime:
                     x.requires_grad_(True)
         elif isinstance(a, B):
             grad = None if s == self.n_stages - 1 else self._take(self._bwd_in, (s, m))
+        if self._sync_times:
+            torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         if isinstance(a, F):
             self._forward(s, m, x)
@@ -350,6 +359,8 @@ class PipelineRuntime:
         else:
             raise TypeError(a)
         if self.record:
+            if self._sync_times:
+                torch.cuda.synchronize(self.device)
             self.records.append(Record(self.rank, a, t0, time.perf_counter()))
 
     def _forward(self, s: int, m: int, x) -> None:
