@@ -47,6 +47,11 @@ class CommStats:
         return out
 
 
+# torch >= 2.13 renamed the flat-tensor collectives; 2.11 only has the old names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -87,7 +92,7 @@ class Comm:
             return None
         n = _nbytes(inp)
         self._count("reduce_scatter", n, n * (self.size - 1) / self.size)
-        return dist.reduce_scatter_tensor(out, inp, op=op, group=self.group, async_op=async_op)
+        return _reduce_scatter_flat(out, inp, op=op, group=self.group, async_op=async_op)
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
         """``out`` (``size`` x ``inp``) receives every rank's ``inp`` in rank order."""
@@ -96,7 +101,7 @@ class Comm:
             return None
         n = _nbytes(out)
         self._count("all_gather", _nbytes(inp), n * (self.size - 1) / self.size)
-        return dist.all_gather_into_tensor(out, inp, group=self.group, async_op=async_op)
+        return _all_gather_flat(out, inp, group=self.group, async_op=async_op)
 
     def broadcast(self, t: torch.Tensor, src: int = 0, async_op: bool = False):
         """``src`` is a rank inside this group."""
