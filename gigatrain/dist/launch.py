@@ -161,6 +161,10 @@ def distributed(env: DistEnv, backend: str = "auto", timeout_s: float = 600.0,
         yield device
     finally:
         if created and dist.is_initialized():
+            # Reference cycles (optimizer, hooks) can keep gloo work objects alive until
+            # interpreter shutdown, where releasing them from a gloo thread aborts the process.
+            import gc
+            gc.collect()
             dist.destroy_process_group()
 
 

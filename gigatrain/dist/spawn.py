@@ -34,6 +34,10 @@ def _worker(rank, world, port, fn, args, outdir, timeout_s):
     finally:
         with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
+        # Drop reference cycles (optimizers, hooks) that keep gloo work objects alive, so no
+        # gloo thread releases one during interpreter shutdown (which aborts the process).
+        import gc
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
