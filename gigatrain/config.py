@@ -327,6 +327,11 @@ def _cross_problems(cfg: Config) -> list[str]:
     # parallel
     if par.offload != "none" and par.zero == 0:
         p.append(f"parallel.offload={par.offload} needs ZeRO: set parallel.zero to 1, 2 or 3, or parallel.offload=none.")
+    if par.offload == "nvme" and par.zero in (1, 2):
+        p.append("parallel.offload=nvme is implemented for parallel.zero=3: set zero=3, or offload=cpu for stages 1-2.")
+    if par.pp > 1 and par.zero >= 2:
+        p.append(f"parallel.zero={par.zero} with parallel.pp={par.pp}: a pipeline accumulates full gradients over its "
+                 "micro-batches, which stages 2-3 do not keep; use parallel.zero=1 (sharded optimizer) with pipelines.")
     if par.pp_virtual > 1 and par.pp_schedule not in ("interleaved", "zb"):
         p.append(f"parallel.pp_virtual={par.pp_virtual} needs parallel.pp_schedule=interleaved or zb "
                  f"(got {par.pp_schedule}): change the schedule or set pp_virtual=1.")
@@ -365,10 +370,10 @@ def _cross_problems(cfg: Config) -> list[str]:
 #: Values implemented so far, by dotted key. A key that is not listed accepts everything the
 #: schema accepts; `None` as a value also means "any".
 SUPPORTED: dict[str, Optional[set]] = {
-    "parallel.zero": {0},
+    "parallel.zero": {0, 1, 2, 3},
     "parallel.pp": None,
     "parallel.tp": {1},
-    "parallel.offload": {"none"},
+    "parallel.offload": {"none", "cpu", "nvme"},
 }
 
 

@@ -82,6 +82,7 @@ class Engine:
         self.strategy = build_grad_strategy(zero, owned, mesh, bucket_mb=bucket_mb,
                                             precision=precision, **(strategy_options or {}))
         self.optimizer = self.strategy.build_optimizer(optimizer_factory)
+        self._begin_step = getattr(self.strategy, "begin_step", None)
         self.scaler = DynamicLossScaler() if precision.loss_scaling else None
 
     # -- one optimizer step -------------------------------------------------------------------
@@ -94,6 +95,10 @@ class Engine:
         """
         self.model.train()
         scale = self.scaler.scale if self.scaler else 1.0
+        if self._begin_step is not None:
+            # Strategies that can update during backward (CPU offload) need lr up front, and may
+            # only do so when nothing can still change the update: no clipping, no loss scaling.
+            self._begin_step(lr, overlap=self.grad_clip is None and self.scaler is None)
         if self.runtime is None:
             local_loss = self._local_forward_backward(micro_batches, scale)
         else:
@@ -104,7 +109,8 @@ class Engine:
             self.strategy.grads()[0].view(-1)[0] = float("inf")
         skipped = False
         if self.scaler is not None:
-            skipped = self.scaler.found_overflow(self.strategy.grads(), group=self.mesh.world.group)
+            skipped = self.scaler.found_overflow(self.strategy.grads(), group=self.mesh.world.group,
+                                                 device=self.device)
             self.scaler.update(skipped)
         if skipped:
             self.strategy.zero_grad()
@@ -176,13 +182,12 @@ class Engine:
 
     def _grad_sq_norm(self) -> float:
         """Squared global gradient norm over every parameter of the model, each counted once."""
-        sq = self.strategy.grad_sq_norm()
         pp = self.mesh.pp
         if pp.size == 1:
-            return sq
-        if self._tied and pp.rank == pp.size - 1:
-            # The tied embedding's gradient also lives on the first stage: count it there only.
-            sq -= float(sum(p.grad.float().pow(2).sum() for p in self._tied if p.grad is not None))
+            return self.strategy.grad_sq_norm()
+        # The tied embedding's gradient also lives on the first stage: count it there only.
+        exclude = self._tied if (self._tied and pp.rank == pp.size - 1) else ()
+        sq = self.strategy.grad_sq_norm(exclude=exclude) if exclude else self.strategy.grad_sq_norm()
         t = torch.tensor([sq], dtype=torch.float64, device=self.device)
         pp.all_reduce(t)
         return float(t.item())
@@ -294,8 +299,11 @@ class Stage0Strategy:
     def grads(self) -> list[torch.Tensor]:
         return self.dp.grads()
 
-    def grad_sq_norm(self) -> float:
-        return float(self.dp.grad_sq_norm())
+    def grad_sq_norm(self, exclude=()) -> float:
+        sq = float(self.dp.grad_sq_norm())
+        for p in exclude:
+            sq -= float(p.grad.float().pow(2).sum())
+        return sq
 
     def zero_grad(self) -> None:
         self.dp.zero_grad()

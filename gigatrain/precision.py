@@ -49,15 +49,19 @@ class DynamicLossScaler:
         self.good_steps = 0
         self.skipped_steps = 0
 
-    def found_overflow(self, grads: list[torch.Tensor], group=None) -> bool:
-        """True if any gradient on any rank of ``group`` is inf or NaN (one tiny all-reduce)."""
-        device = grads[0].device if grads else "cpu"
+    def found_overflow(self, grads: list[torch.Tensor], group=None,
+                       device: torch.device | None = None) -> bool:
+        """True if any gradient on any rank of ``group`` is inf or NaN (one tiny all-reduce).
+
+        ``device`` is where the flag is reduced (the group's device: with CPU offload the
+        gradients are on the host but NCCL needs a GPU tensor)."""
+        device = device or (grads[0].device if grads else torch.device("cpu"))
         flag = torch.zeros(1, dtype=torch.float32, device=device)
         if grads:
             # One fused pass and no host sync per tensor: a norm is inf/NaN iff an entry is.
             norms = torch.stack(torch._foreach_norm([g.float() if g.dtype != torch.float32 else g
                                                      for g in grads]))
-            flag = (~torch.isfinite(norms)).any().float().reshape(1)
+            flag = (~torch.isfinite(norms)).any().float().reshape(1).to(device)
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item() > 0)

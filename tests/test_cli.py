@@ -20,6 +20,8 @@ BASE = ["model.n_layer=1", "model.d_model=16", "model.n_head=2", "model.seq_len=
     (["train.optimizer=lion"], "train.optimizer"),           # bad choice
     (["train.stop_after=50"], "train.stop_after"),
     (["parallel.zero=7"], "parallel.zero"),
+    (["parallel.zero=2", "parallel.offload=nvme"], "nvme"),
+    (["parallel.tp=2", "--nproc", "2"], "parallel.tp"),
     (["model.name=vit"], "data"),                            # image model on a text corpus
     (["resume=/nonexistent/ckpt"], "resume"),
 ])

@@ -397,7 +397,7 @@ def test_resolve_pipeline_and_tensor():
     assert resolve_for_world(cfg, 2).parallel.pp_microbatches == 8
     msg = error_of(resolve_for_world, load_config(None, ["parallel.pp=2", "parallel.pp_microbatches=3"]), 2)
     assert "parallel.pp_microbatches=3" in msg and "= 2 micro-batches" in msg
-    r = resolve_for_world(load_config(None, ["parallel.zero=1", "parallel.offload=nvme", "out=o"]), 2)
+    r = resolve_for_world(load_config(None, ["parallel.zero=3", "parallel.offload=nvme", "out=o"]), 2)
     assert r.parallel.offload_dir == os.path.join("o", "offload")
 
 
@@ -445,16 +445,17 @@ def test_stop_after():
 
 
 def test_check_supported():
-    assert SUPPORTED["parallel.zero"] == {0}
+    assert SUPPORTED["parallel.zero"] == {0, 1, 2, 3}
     check_supported(Config())
-    msg = error_of(check_supported, load_config(None, ["parallel.zero=2"]))
-    assert "parallel.zero=2 is not implemented yet (supported: 0)" in msg
+    check_supported(load_config(None, ["parallel.zero=3", "parallel.offload=cpu"]))
     msg = error_of(check_supported, load_config(None, ["parallel.zero=1", "parallel.offload=cpu", "parallel.tp=2"]))
-    assert "parallel.zero=1" in msg and "parallel.offload=cpu" in msg and "parallel.tp=2" in msg
+    assert "parallel.tp=2 is not implemented yet (supported: 1)" in msg and "parallel.zero" not in msg
 
 
 def test_check_supported_follows_table(monkeypatch):
     cfg = load_config(None, ["parallel.zero=2"])
+    monkeypatch.setitem(SUPPORTED, "parallel.zero", {0, 1})
+    assert "parallel.zero=2 is not implemented yet" in error_of(check_supported, cfg)
     monkeypatch.setitem(SUPPORTED, "parallel.zero", {0, 1, 2})
     check_supported(cfg)
     monkeypatch.setitem(SUPPORTED, "parallel.zero", None)

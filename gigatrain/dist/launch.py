@@ -157,15 +157,30 @@ def distributed(env: DistEnv, backend: str = "auto", timeout_s: float = 600.0,
                                     timeout=timeout,
                                     device_id=device if device.type == "cuda" else None)
         created = True
+    ok = False
     try:
         yield device
+        ok = True
     finally:
         if created and dist.is_initialized():
-            # Reference cycles (optimizer, hooks) can keep gloo work objects alive until
-            # interpreter shutdown, where releasing them from a gloo thread aborts the process.
-            import gc
-            gc.collect()
+            quiesce(ok)
             dist.destroy_process_group()
+
+
+def quiesce(all_ranks_alive: bool) -> None:
+    """Let in-flight gloo work finish before the process group goes away.
+
+    Reference cycles (optimizer, hooks) can keep finished gloo work objects alive until
+    interpreter shutdown, and a gloo thread releasing one then aborts the process. Collecting
+    them, and a last barrier when every rank got here normally, avoids that.
+    """
+    import gc
+    import time
+
+    gc.collect()
+    if all_ranks_alive and dist.get_world_size() > 1:
+        dist.barrier()
+        time.sleep(0.05)
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import traceback
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .launch import free_port
+from .launch import free_port, quiesce
 
 
 def _worker(rank, world, port, fn, args, outdir, timeout_s):
@@ -24,21 +24,20 @@ def _worker(rank, world, port, fn, args, outdir, timeout_s):
     import torch
     torch.set_num_threads(1)
     result = None
+    ok = False
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         result = ("ok", fn(rank, world, *args))
+        ok = True
     except BaseException as e:  # report, then fail the spawn
         result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
         raise
     finally:
         with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
-        # Drop reference cycles (optimizers, hooks) that keep gloo work objects alive, so no
-        # gloo thread releases one during interpreter shutdown (which aborts the process).
-        import gc
-        gc.collect()
         if dist.is_initialized():
+            quiesce(ok)
             dist.destroy_process_group()
 
 
