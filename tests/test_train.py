@@ -29,6 +29,11 @@ def _two_rank_cases(rank, world, tmp):
     out = {}
     out["sgd"] = train(tiny(tmp, "train.optimizer=sgd", "train.lr=0.5", f"out={tmp}/sgd2"), quiet=True).losses
     out["adamw"] = train(tiny(tmp, f"out={tmp}/adamw2"), quiet=True).losses
+    # ZeRO through the config, as a user runs it (stages are tested in depth in test_zero*.py).
+    for zero, offload in ((1, "none"), (2, "cpu"), (3, "cpu"), (3, "nvme")):
+        out[f"zero{zero}-{offload}"] = train(tiny(tmp, "train.optimizer=sgd", "train.lr=0.5", f"parallel.zero={zero}",
+                                                  f"parallel.offload={offload}", f"out={tmp}/z{zero}{offload}"),
+                                             quiet=True).losses
     # Exact resume: stop after 5 (checkpoint at 5), then continue with resume=auto.
     first = train(tiny(tmp, "train.stop_after=5", "checkpoint.every=5", f"out={tmp}/resume"), quiet=True)
     second = train(tiny(tmp, "resume=auto", f"out={tmp}/resume"), quiet=True)
@@ -63,6 +68,14 @@ def test_loss_parity_sgd(runs):
     for r in two:
         for a, b in zip(r["sgd"], one["sgd"]):
             assert _rel(a, b) < 1e-5, (r["sgd"], one["sgd"])
+
+
+def test_zero_stages_through_the_config(runs):
+    _, one, two = runs
+    for r in two:
+        for key in ("zero1-none", "zero2-cpu", "zero3-cpu", "zero3-nvme"):
+            for a, b in zip(r[key], one["sgd"]):
+                assert _rel(a, b) < 1e-5, (key, r[key], one["sgd"])
 
 
 def test_loss_parity_adamw(runs):

@@ -32,6 +32,9 @@ def _four_rank_cases(rank, world, tmp):
         r = train(pp_cfg(tmp, key, f"parallel.pp={pp}", f"parallel.dp={4 // pp}", "train.micro_batch=2",
                          f"parallel.pp_schedule={sched}", f"parallel.pp_virtual={v}"), quiet=True)
         out[key] = r.losses
+    # dp x pp with the optimizer sharded over dp (DeepSpeed cannot combine its pipeline with ZeRO)
+    out["1f1b-pp2-zero1"] = train(pp_cfg(tmp, "z1", "parallel.pp=2", "parallel.dp=2", "train.micro_batch=2",
+                                         "parallel.zero=1"), quiet=True).losses
     return out
 
 
@@ -52,7 +55,7 @@ def test_every_schedule_matches_one_process(runs):
     assert one[-1] < one[0]
     keys = four[0].keys()
     assert {"gpipe-pp4-v1", "1f1b-pp2-v1", "interleaved-pp2-v2", "zb-pp4-v1", "zb-pp2-v2",
-            "naive-pp4-v1"} <= set(keys)
+            "naive-pp4-v1", "1f1b-pp2-zero1"} <= set(keys)
     for r in four:
         for k in keys:
             assert len(r[k]) == 10
