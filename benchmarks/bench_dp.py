@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-from types import SimpleNamespace
 
 import torch
+from common import add_gpt_args, gpt_factory, median_step
 
 
 def _run(rank, world, args):
@@ -21,17 +20,13 @@ def _run(rank, world, args):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from gigatrain.dist.mesh import Mesh, ParallelDims
-    from gigatrain.models import build_model
     from gigatrain.parallel.data_parallel import DataParallel
 
     torch.set_num_threads(args["threads"])
-    mcfg = SimpleNamespace(name="gpt", n_layer=args["n_layer"], n_head=args["n_head"],
-                           d_model=args["d_model"], seq_len=args["seq_len"], dropout=0.0)
+    make_gpt = gpt_factory(args)
     mesh = Mesh(ParallelDims(dp=world), torch.device("cpu"))
-    torch.manual_seed(0)
-    ours = build_model(mcfg, vocab_size=args["vocab"])
-    torch.manual_seed(0)
-    theirs = build_model(mcfg, vocab_size=args["vocab"])
+    ours = make_gpt()
+    theirs = make_gpt()
     dp = DataParallel(ours, mesh.dp, bucket_mb=args["bucket_mb"])
     ddp = DDP(theirs, bucket_cap_mb=args["bucket_mb"], gradient_as_bucket_view=True)
     opt_o = torch.optim.SGD(ours.parameters(), lr=1e-3)
@@ -74,19 +69,7 @@ def _run(rank, world, args):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--bucket-mb", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps-per-round", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
+    add_gpt_args(ap, bucket_mb=1.0, rounds=6, steps_per_round=5, warmup=3)
     a = ap.parse_args()
     from gigatrain.dist.spawn import spawn
 
@@ -95,8 +78,7 @@ def main() -> None:
     # A step is as slow as its slowest rank: take the max over ranks per step, then the median.
     agg = {}
     for name in ("ours", "ddp"):
-        per_step = [max(r["times"][name][i] for r in res) for i in range(len(res[0]["times"][name]))]
-        agg[name] = statistics.median(per_step)
+        agg[name] = median_step(res, name)
     ratio = agg["ours"] / agg["ddp"]
     print(f"GPT {res[0]['params'] / 1e6:.2f}M params, {a.nproc} gloo ranks, micro-batch {a.micro_batch} x seq {a.seq_len}")
     print(f"{'engine':<10}{'median step (ms)':>18}")

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-from types import SimpleNamespace
 
 import torch
+from common import add_gpt_args, gpt_factory, median_step
 
 TARGET = 1.10   # stage 1 and stage 2 step time / stage 0 step time
 
@@ -32,22 +31,18 @@ def _run(rank, world, args):
 
     from gigatrain.dist.mesh import Mesh, ParallelDims
     from gigatrain.engine import Stage0Strategy
-    from gigatrain.models import build_model
     from gigatrain.parallel.zero import build_zero_strategy
     from gigatrain.parallel.zero.memory import measure_model_state_bytes
     from gigatrain.precision import PrecisionPolicy
 
     torch.set_num_threads(args["threads"])
     dev = torch.device("cpu")
-    mcfg = SimpleNamespace(name="gpt", n_layer=args["n_layer"], n_head=args["n_head"],
-                           d_model=args["d_model"], seq_len=args["seq_len"], dropout=0.0)
+    make_gpt = gpt_factory(args)
     mesh = Mesh(ParallelDims(dp=world), dev)
     policy = PrecisionPolicy.from_name("fp32", dev)
     hp = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
 
-    def model():
-        torch.manual_seed(0)
-        return build_model(mcfg, vocab_size=args["vocab"])
+    model = make_gpt
 
     def adamw(groups):
         return torch.optim.AdamW([{"params": g["params"], "weight_decay": hp["weight_decay"] if g["decay"] else 0.0}
@@ -135,20 +130,8 @@ def _run(rank, world, args):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--bucket-mb", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--steps-per-round", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
+    add_gpt_args(ap, bucket_mb=1.0, rounds=4, steps_per_round=3, warmup=2)
     ap.add_argument("--offload", default="", help="comma-separated offload kinds to add, e.g. cpu")
-    ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from gigatrain.dist.spawn import spawn
     from gigatrain.parallel.zero.memory import model_state_bytes
@@ -159,8 +142,7 @@ def main() -> None:
     names = list(res[0]["times"])
     median = {}
     for name in names:
-        per_step = [max(r["times"][name][i] for r in res) for i in range(len(res[0]["times"][name]))]
-        median[name] = statistics.median(per_step)
+        median[name] = median_step(res, name)
     P, N = res[0]["params"], a.nproc
     formula = {"stage0": model_state_bytes(P, N, 0, param_bytes=4),
                "stage1": model_state_bytes(P, N, 1, param_bytes=4),

@@ -15,12 +15,11 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
+from common import add_gpt_args, gpt_factory, median_step
 
 
 def _run(rank, world, args):
@@ -29,20 +28,16 @@ def _run(rank, world, args):
     from torch.distributed.fsdp import fully_shard
 
     from gigatrain.dist.mesh import Mesh, ParallelDims
-    from gigatrain.models import build_model
     from gigatrain.parallel.zero.stage3 import Stage3Strategy
     from gigatrain.precision import PrecisionPolicy
 
     torch.set_num_threads(args["threads"])
     dev = torch.device("cpu")
-    mcfg = SimpleNamespace(name="gpt", n_layer=args["n_layer"], n_head=args["n_head"],
-                           d_model=args["d_model"], seq_len=args["seq_len"], dropout=0.0)
+    make_gpt = gpt_factory(args)
     mesh = Mesh(ParallelDims(dp=world), dev)
     policy = PrecisionPolicy.from_name("fp32", dev)
 
-    def model():
-        torch.manual_seed(0)
-        return build_model(mcfg, vocab_size=args["vocab"])
+    model = make_gpt
 
     def adamw(params):
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=True)
@@ -106,22 +101,10 @@ def _run(rank, world, args):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--bucket-mb", type=float, default=25.0)
+    add_gpt_args(ap, bucket_mb=25.0, rounds=6, steps_per_round=5, warmup=3)
     ap.add_argument("--offload", default="", help="also time our stage 3 with these offloads: cpu,nvme")
     ap.add_argument("--offload-dir", default=None, help="folder for nvme files (default: a temp dir)")
     ap.add_argument("--no-prefetch", action="store_true")
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps-per-round", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from gigatrain.dist.spawn import spawn
 
@@ -136,8 +119,7 @@ def main() -> None:
     names = list(res[0]["times"])
     agg = {}
     for name in names:
-        per_step = [max(r["times"][name][i] for r in res) for i in range(len(res[0]["times"][name]))]
-        agg[name] = statistics.median(per_step)
+        agg[name] = median_step(res, name)
     ratio = agg["ours"] / agg["fsdp2"]
     P, N = res[0]["params"], a.nproc
     print(f"GPT {P / 1e6:.2f}M params, {N} gloo ranks, micro-batch {a.micro_batch} x seq {a.seq_len}, AdamW fp32")
