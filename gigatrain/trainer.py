@@ -7,6 +7,7 @@ and returns the per-step losses, which the tests compare across layouts.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,10 @@ def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False) -> Tr
 
 def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
     world, rank = dist.get_world_size(), dist.get_rank()
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Share the cores among the local processes instead of oversubscribing them.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     cfg = resolve_for_world(cfg, world)
     p, t = cfg.parallel, cfg.train
     dims = ParallelDims(dp=p.dp, pp=p.pp, tp=p.tp)
