@@ -81,7 +81,7 @@ def plot_timeline(records: Sequence[Record], path, title: str = "", n_ranks: int
     ax.set_yticklabels([f"rank {r}" for r in range(n)])
     ax.set_ylim(0, n)
     ax.set_xlim(0, span * 1.01 if span > 0 else 1)
-    ax.set_xlabel("time")
+    ax.set_xlabel("seconds")
     bubble = measured_bubble(records, n)
     ax.set_title(f"{title}  (bubble {bubble:.1%})" if title else f"bubble {bubble:.1%}", loc="left")
     kinds = sorted({r.action.kind for r in comp}, key="FBW".index)
