@@ -98,7 +98,9 @@ class Engine:
         if self._begin_step is not None:
             # Strategies that can update during backward (CPU offload) need lr up front, and may
             # only do so when nothing can still change the update: no clipping, no loss scaling.
-            self._begin_step(lr, overlap=self.grad_clip is None and self.scaler is None)
+            # (Not under a pipeline, whose micro-batches reduce only after the whole schedule.)
+            self._begin_step(lr, overlap=(self.grad_clip is None and self.scaler is None
+                                          and self.runtime is None))
         if self.runtime is None:
             local_loss = self._local_forward_backward(micro_batches, scale)
         else:
