@@ -46,7 +46,7 @@ def test_embedded_default_job():
     assert cfg.nproc == 2
     assert (cfg.train.optimizer, cfg.train.schedule) == ("adamw", "cosine")
     assert cfg.train.lr == pytest.approx(3e-3) and cfg.train.warmup_steps > 0
-    assert (cfg.train.steps, cfg.train.global_batch, cfg.train.micro_batch) == (300, 32, 16)
+    assert (cfg.train.steps, cfg.train.global_batch, cfg.train.micro_batch) == (800, 32, 16)
     assert cfg.train.sample_tokens == 300
     assert cfg.parallel.dp is None and (cfg.parallel.pp, cfg.parallel.tp, cfg.parallel.zero) == (1, 1, 0)
     check_supported(cfg)
@@ -326,7 +326,7 @@ def test_out_of_range(override, needle):
 
 
 @pytest.mark.parametrize("overrides,needles", [
-    (["train.stop_after=301"], ["train.stop_after (301)", "train.steps (300)"]),
+    (["train.stop_after=801"], ["train.stop_after (801)", "train.steps (800)"]),
     (["model.name=vit"], ["model.name=vit", "data.name=fashion_mnist"]),
     (["model.name=coatnet"], ["model.name=coatnet", "data.name=fashion_mnist"]),
     (["data.name=fashion_mnist"], ["model.name=gpt needs a text corpus"]),
@@ -363,7 +363,7 @@ def test_all_problems_in_one_paragraph():
     for key in ("train.steps", "precision", "train.lrr", "parallel.zero"):
         assert key in msg
     # Cross-field problems are collected together too.
-    msg = bad_override("train.stop_after=400", "model.d_model=130", "parallel.offload=nvme")
+    msg = bad_override("train.stop_after=900", "model.d_model=130", "parallel.offload=nvme")
     assert "train.stop_after" in msg and "model.d_model" in msg and "parallel.offload=nvme" in msg
 
 
@@ -439,9 +439,9 @@ def test_resolve_collects_problems():
 
 
 def test_stop_after():
-    cfg = load_config(None, ["train.stop_after=300"])
-    assert resolve_for_world(cfg, 2).train.stop_after == 300
-    assert "train.stop_after (301)" in bad_override("train.stop_after=301")
+    cfg = load_config(None, ["train.stop_after=800"])
+    assert resolve_for_world(cfg, 2).train.stop_after == 800
+    assert "train.stop_after (801)" in bad_override("train.stop_after=801")
 
 
 def test_check_supported():
