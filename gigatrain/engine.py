@@ -163,7 +163,7 @@ class Engine:
         schedule = build_schedule(plan.schedule, pp.size, plan.microbatches, plan.virtual)
         self._pp_scale = 1.0
         self.runtime = PipelineRuntime(self.model, part, schedule, pp_group=pp.group,
-                                       virtual=plan.virtual, record=True,
+                                       virtual=plan.virtual, record=True, stats=self.mesh.stats,
                                        loss_fn=lambda out, y: self.loss_fn(out, y) * self._pp_scale)
         self._tied = self.runtime._tied if self.runtime._tie_peer is not None else []
         return StagePart(self.model, self.runtime.parameters(), self.runtime.chunks)

@@ -226,8 +226,11 @@ class PipelineRuntime:
     """
 
     def __init__(self, model, partition: Partition, schedule: Sequence[Sequence[Action]], *,
-                 pp_group, virtual: int = 1, loss_fn: Callable | None = None, record: bool = False):
+                 pp_group, virtual: int = 1, loss_fn: Callable | None = None, record: bool = False,
+                 stats=None, group_name: str = "pp"):
         self.group = pp_group
+        # Optional ``gigatrain.dist.comm.CommStats``: bytes this rank sends are counted there.
+        self._stats, self._group_name = stats, group_name
         if pp_group is None:  # one stage owner, nothing to send (also without a process group)
             self.pp, self.rank = 1, 0
         else:
@@ -319,6 +322,8 @@ class PipelineRuntime:
             self._reduce_tied_grads()
         loss = self._loss
         if self.pp > 1:
+            if self.rank == self.pp - 1:
+                self._count("broadcast", loss)
             dist.broadcast(loss, src=self._global(self.pp - 1), group=self.group)
         return float(loss)
 
@@ -421,6 +426,7 @@ class PipelineRuntime:
         for op, work in zip(ops, works):
             if op.op is dist.isend:
                 self._sends.append(work)
+                self._count("send", op.tensor)
         for idx, pend in pendings:
             pend.work = works[idx]
 
@@ -472,6 +478,11 @@ class PipelineRuntime:
                 raise TypeError(a)
         self._issue(ops, pendings)
 
+    def _count(self, op: str, t: torch.Tensor) -> None:
+        if self._stats is not None:
+            n = t.numel() * t.element_size()
+            self._stats.add(self._group_name, op, n, n)
+
     def _header(self, t: torch.Tensor) -> torch.Tensor:
         if t.dim() > _HEADER - 2:
             raise ValueError(f"activations with {t.dim()} dims exceed the header's {_HEADER - 2}")
@@ -503,6 +514,7 @@ class PipelineRuntime:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             other = torch.empty_like(p.grad)
+            self._count("send", p.grad)
             works = dist.batch_isend_irecv([
                 dist.P2POp(dist.isend, p.grad, self._tie_peer, self.group),
                 dist.P2POp(dist.irecv, other, self._tie_peer, self.group),
