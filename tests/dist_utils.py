@@ -1,4 +1,14 @@
-"""Test-side name for gigatrain.dist.spawn (ladder 3: real gloo processes)."""
+"""Test-side helpers for process groups: ``spawn`` (ladder 3: real gloo processes) and
+``one_process`` (the one-process oracle inside the test process)."""
+import torch
+
+from gigatrain.dist.launch import DistEnv, distributed
 from gigatrain.dist.spawn import spawn
 
-__all__ = ["spawn"]
+
+def one_process():
+    """A world of one gloo process in this process, torn down on exit (a context manager)."""
+    return distributed(DistEnv(), backend="gloo", device=torch.device("cpu"))
+
+
+__all__ = ["one_process", "spawn"]

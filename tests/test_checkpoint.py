@@ -61,8 +61,9 @@ def test_metrics_resume_drops_steps_after_the_checkpoint(tmp_path):
 
 
 def test_engine_state_has_batchnorm_buffers():
-    import torch.distributed as dist
     from types import SimpleNamespace
+
+    from dist_utils import one_process
 
     from gigatrain.dist.mesh import Mesh, ParallelDims
     from gigatrain.engine import Engine
@@ -70,8 +71,7 @@ def test_engine_state_has_batchnorm_buffers():
     from gigatrain.optim import build_optimizer
     from gigatrain.precision import PrecisionPolicy
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with one_process():
         cpu = torch.device("cpu")
         mesh = Mesh(ParallelDims(dp=1), cpu)
         tcfg = SimpleNamespace(optimizer="adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), momentum=0.0)
@@ -90,5 +90,3 @@ def test_engine_state_has_batchnorm_buffers():
         b.load_full_state(params, optim)
         for k, v in b.full_state()[0].items():
             assert torch.equal(v, params[k]), k
-    finally:
-        dist.destroy_process_group()

@@ -12,7 +12,6 @@ stage 2 on 4 ranks, all training on with the same losses.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import shutil
@@ -24,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from dist_utils import spawn
+from dist_utils import one_process, spawn
 
 STEPS = 10
 GLOBAL_BATCH = 8
@@ -132,16 +131,6 @@ def _train(eng, mesh, rank, world, accum, steps):
         out.append((r.loss, r.grad_norm))
     return out
 
-
-@contextlib.contextmanager
-def _one_process():
-    """A world of one gloo process inside the test process (the one-process oracle)."""
-    from gigatrain.dist.launch import free_port
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _release_groups() -> None:
@@ -263,11 +252,11 @@ def _worker(rank: int, world: int, offload_root: str, ckpt_root: str, ckpt_in: s
 def runs():
     tmp = tempfile.mkdtemp(prefix="gt-zero3-")
     try:
-        with _one_process():
+        with one_process():
             oracle = _oracle_runs()
         ckpt_root = os.path.join(tmp, "ckpt")
         res2 = spawn(_worker, 2, os.path.join(tmp, "off2"), ckpt_root, None, timeout_s=120)
-        with _one_process():
+        with one_process():
             stage0 = _resume_stage0(res2[0]["ckpt_path"])
         res4 = spawn(_worker, 4, os.path.join(tmp, "off4"), ckpt_root, res2[0]["ckpt_path"], timeout_s=120)
         yield {"oracle": oracle, 2: res2, 4: res4, "stage0": stage0}

@@ -7,7 +7,6 @@ embedding lands in the root unit.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_utils import spawn
+from dist_utils import one_process, spawn
 
 try:
     import transformers  # noqa: F401
@@ -78,18 +77,9 @@ def _run(rank, world, zero):
     return info
 
 
-@contextlib.contextmanager
-def _one_process():
-    from gigatrain.dist.launch import free_port
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
 
 def test_hf_gpt2_stage3_matches_one_process():
-    with _one_process():
+    with one_process():
         ref = _run(0, 1, 0)
     res = spawn(_run, 2, 3)
     for r in res:
