@@ -20,7 +20,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from dist_utils import one_process, spawn

@@ -11,7 +11,6 @@ import gc
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import one_process, spawn
