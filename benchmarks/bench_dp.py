@@ -19,7 +19,7 @@ def _run(rank, world, args):
     import torch.nn as nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gigatrain.dist.mesh import Mesh, ParallelDims
+    from gigatrain.distributed.mesh import Mesh, ParallelDims
     from gigatrain.parallel.data_parallel import DataParallel
 
     torch.set_num_threads(args["threads"])
@@ -71,7 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     add_gpt_args(ap, bucket_mb=1.0, rounds=6, steps_per_round=5, warmup=3)
     a = ap.parse_args()
-    from gigatrain.dist.spawn import spawn
+    from gigatrain.distributed.spawn import spawn
 
     args = {k.replace("-", "_"): v for k, v in vars(a).items()}
     res = spawn(_run, a.nproc, args, timeout_s=600)

@@ -39,7 +39,7 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from gigatrain.dist.mesh import Mesh, ParallelDims
+    from gigatrain.distributed.mesh import Mesh, ParallelDims
     from gigatrain.engine import Engine
     from gigatrain.metrics import device_peak_flops
     from gigatrain.models import build_model

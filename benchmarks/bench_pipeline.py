@@ -221,7 +221,7 @@ def main(argv=None):
            "vocab": args.vocab, "mb": args.mb, "microbatches": args.microbatches,
            "warmup": args.warmup, "steps": args.steps, "only": args.only}
 
-    from gigatrain.dist.spawn import spawn
+    from gigatrain.distributed.spawn import spawn
 
     t0 = time.time()
     res = spawn(_worker, args.world, cfg, timeout_s=600)[0]

@@ -29,7 +29,7 @@ def _run(rank, world, args):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gigatrain.dist.mesh import Mesh, ParallelDims
+    from gigatrain.distributed.mesh import Mesh, ParallelDims
     from gigatrain.engine import Stage0Strategy
     from gigatrain.parallel.zero import build_zero_strategy
     from gigatrain.parallel.zero.memory import measure_model_state_bytes
@@ -133,7 +133,7 @@ def main() -> None:
     add_gpt_args(ap, bucket_mb=1.0, rounds=4, steps_per_round=3, warmup=2)
     ap.add_argument("--offload", default="", help="comma-separated offload kinds to add, e.g. cpu")
     a = ap.parse_args()
-    from gigatrain.dist.spawn import spawn
+    from gigatrain.distributed.spawn import spawn
     from gigatrain.parallel.zero.memory import model_state_bytes
 
     args = {k.replace("-", "_"): v for k, v in vars(a).items()}

@@ -27,7 +27,7 @@ def _run(rank, world, args):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from gigatrain.dist.mesh import Mesh, ParallelDims
+    from gigatrain.distributed.mesh import Mesh, ParallelDims
     from gigatrain.parallel.zero.stage3 import Stage3Strategy
     from gigatrain.precision import PrecisionPolicy
 
@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--offload-dir", default=None, help="folder for nvme files (default: a temp dir)")
     ap.add_argument("--no-prefetch", action="store_true")
     a = ap.parse_args()
-    from gigatrain.dist.spawn import spawn
+    from gigatrain.distributed.spawn import spawn
 
     args = {k.replace("-", "_"): v for k, v in vars(a).items()}
     args["offload"] = [k.strip() for k in a.offload.split(",") if k.strip()]

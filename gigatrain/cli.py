@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args.items = list(getattr(args, "items", [])) + rest
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
-    from .dist.mesh import LayoutError
+    from .distributed.mesh import LayoutError
 
     try:
         path, overrides = _split_args(args.items)
@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 def _train(cfg, args, argv: list[str]) -> int:
     from .checkpoint import CheckpointError, resolve_resume
     from .config import ConfigError, check_supported, resolve_for_world
-    from .dist.mesh import LayoutError
+    from .distributed.mesh import LayoutError
     from .parallel.pipeline.schedules import ScheduleError
     from .data import prepare_dataset
-    from .dist.launch import launch_local, read_env
+    from .distributed.launch import launch_local, read_env
     from .trainer import train
     from pathlib import Path
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .dist.mesh import Mesh
+from .distributed.mesh import Mesh
 from .parallel.data_parallel import DataParallel
 from .optim import param_groups
 from .precision import DynamicLossScaler, PrecisionPolicy

@@ -19,8 +19,8 @@ from . import checkpoint as ckpt
 from .config import Config, resolve_for_world
 from .data import open_dataset
 from .data.sampler import BatchLoader, GlobalBatchSampler
-from .dist.launch import DistEnv, distributed, read_env
-from .dist.mesh import Mesh, ParallelDims
+from .distributed.launch import DistEnv, distributed, read_env
+from .distributed.mesh import Mesh, ParallelDims
 from .engine import Engine, PipelinePlan
 from .metrics import MetricsLogger, Progress, Timer, step_metrics
 from .models import build_model
@@ -43,7 +43,7 @@ def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False) -> Tr
     """Train according to ``cfg`` in this process; creates the process group if none exists."""
     env = env or read_env()
     if dist.is_initialized():
-        from .dist.launch import pick_device
+        from .distributed.launch import pick_device
         return _train(cfg, pick_device(env), quiet)
     with distributed(env, backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s) as device:
         return _train(cfg, device, quiet)

@@ -2,8 +2,8 @@
 ``one_process`` (the one-process oracle inside the test process)."""
 import torch
 
-from gigatrain.dist.launch import DistEnv, distributed
-from gigatrain.dist.spawn import spawn
+from gigatrain.distributed.launch import DistEnv, distributed
+from gigatrain.distributed.spawn import spawn
 
 
 def one_process():

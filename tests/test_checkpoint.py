@@ -65,7 +65,7 @@ def test_engine_state_has_batchnorm_buffers():
 
     from dist_utils import one_process
 
-    from gigatrain.dist.mesh import Mesh, ParallelDims
+    from gigatrain.distributed.mesh import Mesh, ParallelDims
     from gigatrain.engine import Engine
     from gigatrain.models import build_model
     from gigatrain.optim import build_optimizer

@@ -18,7 +18,7 @@ def _data(step, n=16):
 def _check_dp(rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gigatrain.dist.mesh import Mesh, ParallelDims
+    from gigatrain.distributed.mesh import Mesh, ParallelDims
     from gigatrain.parallel.data_parallel import DataParallel
 
     mesh = Mesh(ParallelDims(dp=world), torch.device("cpu"))

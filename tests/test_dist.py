@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gigatrain.dist import LayoutError, ParallelDims, expand_nodelist, read_env
+from gigatrain.distributed import LayoutError, ParallelDims, expand_nodelist, read_env
 
 
 def test_expand_nodelist():
@@ -49,7 +49,7 @@ def test_parallel_dims():
 def test_mesh_on_fake_group(world, pp, tp):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from gigatrain.dist.mesh import Mesh
+    from gigatrain.distributed.mesh import Mesh
     rank = world - 1
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:

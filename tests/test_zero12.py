@@ -125,7 +125,7 @@ LOAD_CASES = [(1, "none", "adamw"), (2, "cpu", "adamw"), (2, "none", "sgd"), (1,
 
 
 def _check_all(rank, world, refs):
-    from gigatrain.dist.mesh import Mesh, ParallelDims
+    from gigatrain.distributed.mesh import Mesh, ParallelDims
 
     mesh = Mesh(ParallelDims(dp=world), torch.device("cpu"))
     out = {"cases": [], "load": [], "fp16": [], "bf16": {}, "comm": {}}

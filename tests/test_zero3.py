@@ -119,7 +119,7 @@ def _opaque_run(mesh, rank, world, zero):
 
 
 def _mesh(world: int):
-    from gigatrain.dist.mesh import Mesh, ParallelDims
+    from gigatrain.distributed.mesh import Mesh, ParallelDims
     return Mesh(ParallelDims(dp=world), torch.device("cpu"))
 
 

@@ -51,7 +51,7 @@ def _batch(step, rank, world):
 
 
 def _run(rank, world, zero):
-    from gigatrain.dist.mesh import Mesh, ParallelDims
+    from gigatrain.distributed.mesh import Mesh, ParallelDims
     from gigatrain.engine import Engine
     from gigatrain.precision import PrecisionPolicy
 

@@ -53,7 +53,7 @@ def fake_group():
 
 
 def _engine(world, stage, offload, precision, opt="adamw"):
-    from gigatrain.dist.mesh import Mesh, ParallelDims
+    from gigatrain.distributed.mesh import Mesh, ParallelDims
     from gigatrain.engine import Engine
     from gigatrain.models import build_model
     from gigatrain.optim import build_optimizer

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..dist.comm import Comm
+from ..distributed.comm import Comm
 from .zero.buckets import Bucket, GradBuckets
 
 

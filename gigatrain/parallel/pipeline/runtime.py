@@ -229,7 +229,7 @@ class PipelineRuntime:
                  pp_group, virtual: int = 1, loss_fn: Callable | None = None, record: bool = False,
                  stats=None, group_name: str = "pp"):
         self.group = pp_group
-        # Optional ``gigatrain.dist.comm.CommStats``: bytes this rank sends are counted there.
+        # Optional ``gigatrain.distributed.comm.CommStats``: bytes this rank sends are counted there.
         self._stats, self._group_name = stats, group_name
         if pp_group is None:  # one stage owner, nothing to send (also without a process group)
             self.pp, self.rank = 1, 0

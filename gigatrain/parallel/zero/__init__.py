@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # no imports at package import time: data_parallel imports .buckets from here
     import torch.nn as nn
 
-    from ...dist.mesh import Mesh
+    from ...distributed.mesh import Mesh
     from ...precision import PrecisionPolicy
 
 

@@ -99,7 +99,7 @@ def _walk(obj, out: list[torch.Tensor], seen: set[int]) -> None:
             _walk(v, out, seen)
         return
     module = type(obj).__module__ or ""
-    if module.startswith("gigatrain.") and not module.startswith("gigatrain.dist"):
+    if module.startswith("gigatrain.") and not module.startswith("gigatrain.distributed"):
         fields = vars(obj) if hasattr(obj, "__dict__") else {
             f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
         for v in fields.values():

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ...dist.mesh import Mesh
+from ...distributed.mesh import Mesh
 from ...optim import decays
 from ...precision import PrecisionPolicy
 from .buckets import Bucket, GradBuckets

@@ -62,8 +62,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from ...dist.comm import Comm
-from ...dist.mesh import Mesh
+from ...distributed.comm import Comm
+from ...distributed.mesh import Mesh
 from ...optim import decays
 from ...precision import PrecisionPolicy
 from .nvme import NVMeOptimizer, OptimizerSpec
