@@ -212,27 +212,52 @@ class Engine:
         return list(self.runtime.records) if self.runtime is not None else []
 
     @torch.no_grad()
+    def forward_collective(self, x, post: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``post(model(x))`` computed with the whole model, returned on every rank of a pipeline.
+
+        Every rank of the job must call it together with inputs of the same shape: a sharded
+        model (ZeRO-3 gathers each block from all dp ranks; a pipeline holds each stage on one
+        pp rank) has no rank that can run a forward alone. ``post`` reduces the output where it
+        is produced (on the last stage), so only its result travels. Data-parallel ranks may pass
+        different inputs and get their own results. The caller chooses train/eval mode.
+        """
+        with self.precision.autocast(self.device):
+            if self.runtime is not None:
+                return self.runtime.forward_only(x, post)
+            return post(self.model(x))
+
+    @torch.no_grad()
+    def predict(self, x, post: Callable[[torch.Tensor], torch.Tensor] = lambda y: y) -> torch.Tensor:
+        """Like ``forward_collective``, with the result of data-parallel rank 0 returned on every
+        rank, so that decisions taken from it (a sampled token) agree everywhere."""
+        out = self.forward_collective(x, post).contiguous()
+        self.mesh.dp.broadcast(out, src=0)
+        return out
+
+    @torch.no_grad()
     def eval_step(self, micro_batches: Sequence[Batch]) -> tuple[float, float | None]:
         """Mean loss (and accuracy for classifiers) over the global batch, without updating.
 
-        Not available with pipeline parallelism (the schedules have no forward-only mode yet).
+        Collective like ``forward_collective``: every rank calls it with its own micro-batches.
         """
-        if self.runtime is not None:
-            raise NotImplementedError("evaluation with parallel.pp > 1 is not supported yet")
         self.model.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = 0
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+
         for x, y in micro_batches:
-            with self.precision.autocast(self.device):
-                out = self.model(x)
-                loss_sum += self.loss_fn(out, y).double()
-            if out.dim() == 2 and y.dim() == 1:
-                correct += (out.argmax(-1) == y).sum().double()
-                count += y.numel()
+            y = y.to(self.device)
+
+            def stats(out, y=y):
+                loss = self.loss_fn(out, y).double()
+                if out.dim() == 2 and y.dim() == 1:
+                    correct = (out.argmax(-1) == y).sum().double()
+                    return torch.stack([loss, correct, torch.tensor(float(y.numel()), dtype=torch.float64,
+                                                                    device=out.device)])
+                return torch.stack([loss, loss.new_zeros(()), loss.new_zeros(())])
+
+            totals += self.forward_collective(x, stats).to(self.device)
         n = max(1, len(micro_batches))
-        mean = self._mean_over_dp(loss_sum / n)
-        acc = self._mean_over_dp(correct / count) if count else None
+        mean = self._mean_over_dp(totals[0] / n)
+        acc = self._mean_over_dp(totals[1] / totals[2]) if totals[2] > 0 else None
         self.model.train()
         return mean, acc
 

@@ -97,17 +97,11 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
     result = TrainResult(start_step=start, last_step=start)
     flops = float(model.train_flops_per_sample())
 
-    evaluate = None
-    if t.eval_every > 0:
-        if p.pp > 1:
-            if is_main:
-                print("note: train.eval_every is ignored with parallel.pp > 1 (no forward-only "
-                      "pipeline schedule yet)", flush=True)
-        else:
-            evaluate = _make_eval(cfg, engine, dp_rank, device)
+    evaluate = _make_eval(cfg, engine, dp_rank, device) if t.eval_every > 0 else None
     loader = BatchLoader(dataset, sampler, dp_rank, p.dp, t.micro_batch, start_step=start,
                          device=device, num_workers=cfg.data.num_workers, end_step=end)
 
+    in_a_row = 0  # consecutive steps skipped for NaN/inf
     try:
         for step, batches in zip(range(start, end), loader):
             lr = lr_at(step, kind=t.schedule, lr=t.lr, total_steps=t.steps,
@@ -153,11 +147,10 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
 
     if p.pp > 1:
         _write_timeline(engine, mesh, out, cfg, is_main)
-    # With a pipeline rank 0 holds only the first stage's trained weights: no sample then.
-    if (is_main and p.pp == 1 and model.tokens_per_sample > 1 and t.sample_tokens > 0
-            and hasattr(model, "generate")):
-        result.sample = _sample_text(model, dataset, device, t.sample_tokens, t.seed)
-        if not quiet:
+    # Every rank samples: no rank holds the whole model under ZeRO-3 or a pipeline.
+    if model.tokens_per_sample > 1 and t.sample_tokens > 0 and hasattr(model, "generate"):
+        result.sample = _sample_text(engine, model, dataset, device, t.sample_tokens, t.seed)
+        if show:
             print("\n--- sample ---\n" + result.sample + "\n--------------", flush=True)
     result.comm_sent = mesh.stats.summary()
     return result
@@ -259,10 +252,15 @@ def _write_timeline(engine: Engine, mesh: Mesh, out: Path, cfg, is_main: bool) -
 
 
 @torch.no_grad()
-def _sample_text(model, dataset, device, n_tokens: int, seed: int) -> str:
+def _sample_text(engine: Engine, model, dataset, device, n_tokens: int, seed: int) -> str:
+    """Sample text collectively: every rank runs each forward with the engine (which gathers
+    ZeRO-3 shards or passes through the pipeline stages) and draws the same token from the same
+    logits with the same generator, so all ranks build the same text."""
     model.eval()
     g = torch.Generator(device=device).manual_seed(seed)
     start = dataset.encode("\n") or [0]
     idx = torch.tensor([start], dtype=torch.long, device=device)
-    out = model.generate(idx, n_tokens, temperature=0.8, top_k=None, generator=g)
+    out = model.generate(idx, n_tokens, temperature=0.8, top_k=None, generator=g,
+                         next_logits=lambda ctx: engine.predict(ctx, post=lambda y: y[:, -1]))
+    model.train()
     return dataset.decode(out[0].tolist())

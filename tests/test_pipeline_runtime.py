@@ -112,6 +112,19 @@ def _world2(rank, world, outdir):
             dist.all_gather_object(recs, rt.records)
             if rank == 0:
                 torch.save([r for part in recs for r in part], os.path.join(outdir, "records.pt"))
+    # Forward-only (evaluation, sampling): the output of the whole model on every rank, for
+    # contexts of changing length, with one and two chunks per rank.
+    from gigatrain.parallel.pipeline.partition import uniform
+    from gigatrain.parallel.pipeline.runtime import PipelineRuntime
+    from gigatrain.parallel.pipeline.schedules import build_schedule
+    for V in (1, 2):
+        model, ref = _gpt(), _gpt()
+        rt = PipelineRuntime(model, uniform(8, 2 * V), build_schedule("1f1b" if V == 1 else "interleaved", 2, 2, V),
+                             pp_group=group, virtual=V)
+        for T in (1, 5, 8):
+            x = _batch(T, 3, ref)[0][:, :T]
+            got = rt.forward_only(x, post=lambda y: y[:, -1])
+            out[("forward_only", V, T)] = bool(torch.equal(got, ref(x)[:, -1].detach()))
     # The split backward changes nothing numerically: zb trains bit-identically to its unsplit twin.
     for split, full in ((("zb", 1, 4), ("1f1b", 1, 4)), (("zb", 2, 4), ("interleaved", 2, 4))):
         (la, pa), (lb, pb) = kept[split], kept[full]
@@ -153,6 +166,8 @@ def test_pipeline_matches_one_process_pp2_and_timeline(tmp_path):
     results = spawn(_world2, 2, str(tmp_path))
     for r in results:
         bitwise = {k: r.pop(k) for k in list(r) if k[0] == "bitwise"}
+        fwd = {k: r.pop(k) for k in list(r) if k[0] == "forward_only"}
+        assert len(fwd) == 6 and all(fwd.values()), fwd
         assert set(r) == set(CASES_PP2)
         _check(r)
         assert len(bitwise) == 2 and all(bitwise.values()), bitwise

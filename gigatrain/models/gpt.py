@@ -241,16 +241,23 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        next_logits=None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``[B, T0]`` and return ``[B, T0+n]``.
 
         The context is cropped to the last ``seq_len`` tokens. ``temperature <= 0`` means greedy
         decoding; ``top_k`` keeps only the k most likely tokens. Padded vocabulary ids are never
         produced. The caller chooses train/eval mode (use eval to disable dropout).
+        ``next_logits(context) -> [B, vocab]`` replaces the forward pass when the model is run
+        elsewhere (for example collectively by every process holding a part of it); it returns
+        the logits of the last position.
         """
+        if next_logits is None:
+            def next_logits(ctx):
+                return self(ctx)[:, -1]
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.seq_len :]
-            logits = self(ctx)[:, -1, : self.vocab_size].float()
+            logits = next_logits(ctx)[:, : self.vocab_size].float()
             if temperature <= 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

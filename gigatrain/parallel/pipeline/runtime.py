@@ -322,10 +322,65 @@ class PipelineRuntime:
             self._reduce_tied_grads()
         loss = self._loss
         if self.pp > 1:
-            if self.rank == self.pp - 1:
-                self._count("broadcast", loss)
-            dist.broadcast(loss, src=self._global(self.pp - 1), group=self.group)
+            self._broadcast(loss, self.pp - 1)
         return float(loss)
+
+    @torch.no_grad()
+    def forward_only(self, inputs, post: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Run one batch forward through every stage, without gradients, and return
+        ``post(last stage output)`` on every pp rank.
+
+        Every pp rank must call it with the same batch shape (only stage 0 reads ``inputs``).
+        The stages run one after the other (no micro-batching): this serves evaluation and
+        sampling, where the whole model must see one input while each rank holds only its own
+        stages. Shapes are sent with every message, so they may change from call to call (a
+        growing context while sampling). ``post`` runs on the last stage (say, the logits of the
+        last position, or a loss) and its result is what is broadcast, so the full output never
+        travels. The training schedule's state (negotiated shapes, records) is left alone.
+        """
+        h, out = None, None
+        for s in range(self.n_stages):
+            if stage_rank(s, self.pp) != self.rank:
+                continue
+            if s == 0:
+                h = inputs.to(self.device) if isinstance(inputs, torch.Tensor) else inputs
+            elif stage_rank(s - 1, self.pp) != self.rank:
+                h = self._recv_any(stage_rank(s - 1, self.pp))
+            h = self.by_stage[s](h)
+            if s == self.n_stages - 1:
+                out = post(h).contiguous()
+            elif stage_rank(s + 1, self.pp) != self.rank:
+                self._send_any(h.contiguous(), stage_rank(s + 1, self.pp))
+        if self.pp == 1:
+            return out
+        last = self.pp - 1  # the rank of the last stage (stage_rank(n_stages - 1) == pp - 1)
+        hdr = self._header(out) if self.rank == last else torch.empty(_HEADER, dtype=torch.int64,
+                                                                      device=self.device)
+        self._broadcast(hdr, last)
+        shape, dtype = self._parse_header(hdr)
+        if self.rank != last:
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+        self._broadcast(out, last)
+        return out
+
+    def _send_any(self, t: torch.Tensor, peer: int) -> None:
+        """Send a tensor of any shape: header first, then the data (blocking)."""
+        for buf in (self._header(t), t):
+            self._count("send", buf)
+            dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, self._global(peer), self.group)])[0].wait()
+
+    def _recv_any(self, peer: int) -> torch.Tensor:
+        hdr = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+        dist.batch_isend_irecv([dist.P2POp(dist.irecv, hdr, self._global(peer), self.group)])[0].wait()
+        shape, dtype = self._parse_header(hdr)
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, self._global(peer), self.group)])[0].wait()
+        return buf
+
+    def _broadcast(self, t: torch.Tensor, src: int) -> None:
+        if self.rank == src:
+            self._count("broadcast", t)
+        dist.broadcast(t, src=self._global(src), group=self.group)
 
     # ---- compute ------------------------------------------------------------------------
     def _take(self, table: dict, key) -> torch.Tensor:

@@ -1,0 +1,40 @@
+"""The default text job through the CLI, as a user runs it, in every layout (ladder 3).
+
+Only the number of steps is cut: the end-of-run sample, evaluation and the final checkpoint stay
+on. Code that runs on one rank alone hangs a sharded model (ZeRO-3 shards, pipeline stages), and
+tests that switch the sample off hide it, so every layout runs here with its defaults.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+LAYOUTS = {
+    "dp2-zero0": [],
+    "dp2-zero1": ["parallel.zero=1"],
+    "dp2-zero2": ["parallel.zero=2"],
+    "dp2-zero3": ["parallel.zero=3"],
+    "dp2-zero3-cpu-offload": ["parallel.zero=3", "parallel.offload=cpu"],
+    "pp2-1f1b": ["parallel.pp=2"],
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_default_job_finishes_with_sample_and_eval(name, tmp_path):
+    out = tmp_path / "run"
+    # A hang must fail the test quickly instead of waiting for the 600 s default.
+    cmd = [sys.executable, "-m", "gigatrain", "train", "--nproc", "2", "--out", str(out),
+           "train.steps=4", "train.eval_every=2", "train.sample_tokens=40", "parallel.timeout_s=90",
+           "parallel.hang_timeout_s=45",
+           *LAYOUTS[name]]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-3000:]
+    assert "Traceback" not in text
+    assert "--- sample ---" in r.stdout
+    sample = r.stdout.split("--- sample ---", 1)[1].split("--------------", 1)[0].strip("\n")
+    assert len(sample) >= 40, sample
+    assert "step 4: val loss" in r.stdout and "step 2: val loss" in r.stdout
+    assert (out / "checkpoints" / "step_000004" / "meta.json").is_file()
