@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from .rundir import OWNER_FILE, write_owner
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 META = "meta.json"
@@ -32,6 +35,10 @@ META = "meta.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """The state to be saved holds NaN or inf (training diverged); nothing was written."""
 
 
 @dataclass
@@ -79,9 +86,23 @@ def save_checkpoint(root: str | Path, step: int, *, rank: int, world_comm, param
     ``model{part}.safetensors`` / ``optim{part}.safetensors`` -- e.g. one writer per pipeline
     stage with ``part="-pp1"``. Every rank writes its RNG state; ``writer_rank`` then writes the
     metadata and the rename that publishes the checkpoint.
+
+    A checkpoint holding NaN or inf is never written: the ranks first agree that every tensor to
+    be saved is finite, and otherwise all raise ``NonFiniteCheckpointError`` before anything
+    touches the disk. The temporary folder records its owner process (``rundir.write_owner``), so
+    that a later run can remove it if this process dies mid-save.
     """
     if writes_tensors is None:
         writes_tensors = rank == writer_rank
+    bad = _first_nonfinite(params, optim) if writes_tensors else None
+    first_bad = world_comm.all_reduce_scalar(float(rank if bad else 2**31), op=dist.ReduceOp.MIN,
+                                             device=device)
+    if first_bad < 2**31:
+        where = f"{bad} on rank {rank}" if bad else f"the state saved by rank {int(first_bad)}"
+        raise NonFiniteCheckpointError(
+            f"checkpoint step {step} not written: {where} holds NaN or inf values, so training has "
+            f"diverged; the previous checkpoints in {root} are untouched. Continue from the last good "
+            f"one with resume=auto and a lower train.lr (or train.grad_clip set).")
     root = Path(root)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
@@ -90,6 +111,7 @@ def save_checkpoint(root: str | Path, step: int, *, rank: int, world_comm, param
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        write_owner(tmp)
     world_comm.barrier()
     save_file(rng_state(device), str(tmp / f"rng_rank{rank}.safetensors"))
     if writes_tensors:
@@ -98,6 +120,7 @@ def save_checkpoint(root: str | Path, step: int, *, rank: int, world_comm, param
     world_comm.barrier()
     if rank == writer_rank:
         meta = dict(meta, step=step, time=time.time(), format="gigatrain-checkpoint-v1")
+        (tmp / OWNER_FILE).unlink(missing_ok=True)
         _write_atomic(tmp / META, json.dumps(meta, indent=1, sort_keys=True))
         if final.exists():
             shutil.rmtree(final)
@@ -112,6 +135,18 @@ def save_checkpoint(root: str | Path, step: int, *, rank: int, world_comm, param
     return final
 
 
+def _first_nonfinite(params, optim) -> str | None:
+    """Name of the first tensor holding NaN or inf among those to be saved, or None."""
+    for name, t in params.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"parameter {name}"
+    for name, st in optim.items():
+        for key, t in st.items():
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"optimizer state {name}/{key}"
+    return None
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -119,6 +154,32 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def set_aside(root: str | Path, first: int, last: int) -> list[Path]:
+    """Rename the checkpoints of steps ``first``..``last`` to ``diverged_step_NNNNNN`` and point
+    ``latest`` at the newest checkpoint before ``first`` (removing it when there is none).
+
+    For a run that diverged: weights that produced NaN or inf gradients are finite and so were
+    saved, but resuming from them diverges again. Renamed, they are kept for inspection and never
+    picked by ``resume=auto``. Returns the new paths.
+    """
+    root = Path(root)
+    moved = []
+    for s in list_checkpoints(root):
+        if first <= s <= last:
+            dst = root / f"diverged_step_{s:06d}"
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(root / f"step_{s:06d}", dst)
+            moved.append(dst)
+    if moved:
+        before = [s for s in list_checkpoints(root) if s < first]
+        if before:
+            _write_atomic(root / "latest", f"step_{before[-1]:06d}\n")
+        else:
+            (root / "latest").unlink(missing_ok=True)
+    return moved
 
 
 def list_checkpoints(root: str | Path) -> list[int]:

@@ -15,6 +15,7 @@ import os
 import sys
 
 WORKER_ENV = "GIGATRAIN_WORKER"
+EXIT_DIVERGED = 3  # training diverged (NaN/inf that skipping steps did not cure); already explained
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -42,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("items", nargs="*", metavar="[CONFIG] key=value",
                     help="a YAML/JSON/TOML config file and dotted overrides such as train.steps=100")
     tr.add_argument("--nproc", type=int, default=None, help="start N local processes (torch's launcher)")
-    tr.add_argument("--out", default=None, help="output directory (config.yaml, metrics.jsonl, checkpoints)")
+    tr.add_argument("--out", default=None, help="output directory (config.yaml, metrics.jsonl, checkpoints); "
+                                                "default: a fresh runs/<job>-<timestamp>")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an --out that holds a run, removing its checkpoints and metrics")
     tr.add_argument("--quiet", action="store_true", help="no progress bar or sample text")
     cf = sub.add_parser("config", help="print the resolved config, or the reference of all keys")
     cf.add_argument("items", nargs="*")
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
     from .distributed.mesh import LayoutError
+    from .rundir import RunDirError
 
     try:
         path, overrides = _split_args(args.items)
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if getattr(args, "out", None):
             overrides.append(f"out={args.out}")
+        if getattr(args, "overwrite", False):
+            overrides.append("overwrite=true")
         cfg = load_config(path, overrides)
         if args.cmd == "config":
             print(cfg.to_yaml())
@@ -82,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             ds = prepare_dataset(cfg.data, cfg.model.seq_len)
             print(f"{cfg.data.name}: {len(ds)} samples ready")
             return 0
-        return _train(cfg, args, argv)
-    except (ConfigError, LayoutError, CheckpointError) as e:
+        args.config, args.lock = path, None
+        try:
+            return _train(cfg, args, argv)
+        finally:
+            if args.lock is not None:
+                args.lock.release()
+    except (ConfigError, LayoutError, CheckpointError, RunDirError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return 130
@@ -96,7 +108,8 @@ def _train(cfg, args, argv: list[str]) -> int:
     from .parallel.pipeline.schedules import ScheduleError
     from .data import prepare_dataset
     from .distributed.launch import launch_local, read_env
-    from .trainer import train
+    from .rundir import claim
+    from .trainer import TrainingDiverged, train
     from pathlib import Path
 
     env = read_env()
@@ -110,7 +123,18 @@ def _train(cfg, args, argv: list[str]) -> int:
         world = _fit_to_gpus(cfg, world, explicit=args.nproc is not None)
     resolved = resolve_for_world(cfg, world)
     check_supported(resolved)
+    if not worker and cfg.out is None:
+        # Only now that the config is known to be good, so a typo leaves no empty folder behind.
+        cfg = _choose_out(cfg, args.config, env)
+        resolved = resolve_for_world(cfg, world)
     resolve_resume(resolved.resume, Path(resolved.checkpoint.dir or Path(resolved.out) / "checkpoints"))
+    if not worker:
+        # Workers of our own launcher run under its lock; under torchrun/srun rank 0 takes it.
+        args.lock = claim(resolved.out, resolved.checkpoint.dir, resolved.parallel.offload_dir,
+                          resume=resolved.resume, overwrite=resolved.overwrite,
+                          owner=not env.is_distributed_launch or env.rank == 0)
+        for note in args.lock.notes if args.lock else ():
+            print(note, flush=True)
     try:
         if not worker:
             prepare_dataset(resolved.data, resolved.model.seq_len)
@@ -126,16 +150,54 @@ def _train(cfg, args, argv: list[str]) -> int:
             if env.rank == 0:
                 _fail(str(e))
             return 2
+        except TrainingDiverged as e:
+            if env.rank == 0:
+                _fail(str(e))
+            return EXIT_DIVERGED
         return 0
     # Start the workers through torch's launcher; they re-enter here with the torchrun variables.
     worker_argv = [a for a in argv if not a.startswith("--nproc")]
     if "--nproc" in argv:
         i = argv.index("--nproc")
         worker_argv = argv[:i] + argv[i + 2:]
+    worker_argv.append(f"out={resolved.out}")  # the folder this launcher holds, fresh or given
     code = launch_local(world, worker_argv, extra_env={WORKER_ENV: "1"})
+    if code == EXIT_DIVERGED:
+        return code  # rank 0 has said why
     if code:
         return _fail(f"a worker process failed (exit code {code}); its error is printed above.")
     return 0
+
+
+def _choose_out(cfg, config_path: str | None, env):
+    """``cfg`` with ``out`` filled in when neither --out nor the config names one: a fresh
+    ``runs/<job>-<timestamp>`` (the job is the config file's name, else ``<model>-<data>``).
+
+    Under torchrun/srun every rank derives the same name from the launch's id. ``resume=auto``
+    continues the run of a folder, so it needs --out; the message names the newest run of the job.
+    """
+    if cfg.out is not None:
+        return cfg
+    from pathlib import Path
+
+    from .rundir import RunDirError, fresh_run_dir, newest_run_dir
+
+    job = Path(config_path).stem if config_path else f"{cfg.model.name}-{cfg.data.name}"
+    if cfg.resume == "auto":
+        newest = newest_run_dir(job)
+        raise RunDirError("resume=auto continues the run in an output folder: name that folder with --out DIR"
+                          + (f" (the newest run of this job is --out {newest})." if newest else "."))
+    launch_id = None
+    if env.is_distributed_launch:
+        launch_id = (os.environ.get("SLURM_JOB_ID") if env.source == "slurm"
+                     else os.environ.get("TORCHELASTIC_RUN_ID"))
+        if not launch_id or launch_id == "none":
+            raise RunDirError("every rank must write to the same folder, and this launch has no id to "
+                              "name one by: give --out DIR (or torchrun --rdzv-id).")
+    out = fresh_run_dir(job, launch_id=launch_id)
+    if env.rank == 0:
+        print(f"gigatrain: writing to {out}", flush=True)
+    return cfg.model_copy(update={"out": str(out)})
 
 
 def _fit_to_gpus(cfg, world: int, explicit: bool) -> int:

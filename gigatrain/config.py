@@ -151,6 +151,7 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1, description="Print a progress line every N steps when the output is not a terminal (logs, SLURM); `metrics.jsonl` gets every step.")
     eval_every: int = Field(0, ge=0, description="Evaluate on held-out data every N steps (0 = never).")
     sample_tokens: int = Field(200, ge=0, description="Tokens of text sampled from a gpt at the end of training (0 = none).")
+    max_skipped_steps: int = Field(5, ge=1, description="Stop (training diverged) after this many steps in a row are skipped for a NaN/inf loss or gradient norm; such a step never updates the weights.")
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -220,7 +221,8 @@ class Config(_Section):
     debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Compute precision: `auto` (bf16 on CUDA, fp32 on CPU), `fp32`, `bf16`, or `fp16` (with dynamic loss scaling).")
     resume: Optional[str] = Field(None, description="Resume from a checkpoint folder, `auto` (the newest in `checkpoint.dir` if any), or null (start fresh).")
-    out: str = Field("runs/default", description="Output folder for the resolved config, logs, metrics and checkpoints.")
+    out: Optional[str] = Field(None, description="Output folder for the resolved config, logs, metrics and checkpoints (null = a fresh `runs/<job>-<timestamp>` per run). A run refuses a folder that another live run holds, and a fresh start into a folder that holds a run unless `overwrite` is true.")
+    overwrite: bool = Field(False, description="Let a fresh start (no `resume`) replace the run already in `out`: its checkpoints and metrics are removed first (also `--overwrite`).")
     nproc: Optional[int] = Field(None, ge=1, description="Processes the CLI launches on this machine (null = 1, or what torchrun/SLURM says).")
 
     @model_validator(mode="after")
@@ -773,10 +775,10 @@ def resolve_for_world(cfg: Config, world_size: int) -> Config:
 
     Fills `parallel.dp` (world_size / (pp x tp) when null), `parallel.pp_microbatches`
     (= `cfg.grad_accum` when pp > 1), `checkpoint.dir` (<out>/checkpoints) and, for nvme
-    offload, `parallel.offload_dir` (<out>/offload). Checks that dp x pp x tp equals the world
-    size, that global_batch is a multiple of micro_batch x dp, that an explicit
-    pp_microbatches matches, that the overflow-injection rank exists and that a resume path
-    exists. Every failure is reported together in one ConfigError that says what to change.
+    offload, `parallel.offload_dir` (<out>/offload), these two only when `out` is set. Checks
+    that dp x pp x tp equals the world size, that global_batch is a multiple of micro_batch x
+    dp, that an explicit pp_microbatches matches, that the overflow-injection rank exists and
+    that a resume path exists. Every failure is reported together in one ConfigError that says what to change.
     After this, `cfg.grad_accum` and `cfg.world_size` are defined.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -831,9 +833,10 @@ def resolve_for_world(cfg: Config, world_size: int) -> Config:
     if problems:
         raise ConfigError(problems)
 
-    if cfg.checkpoint.dir is None:
+    # Without `out` (the CLI picks a fresh folder later) these stay null.
+    if cfg.checkpoint.dir is None and cfg.out is not None:
         data["checkpoint"]["dir"] = os.path.join(cfg.out, "checkpoints")
-    if par.offload == "nvme" and par.offload_dir is None:
+    if par.offload == "nvme" and par.offload_dir is None and cfg.out is not None:
         data["parallel"]["offload_dir"] = os.path.join(cfg.out, "offload")
     return config_from_dict(data)
 

@@ -43,9 +43,10 @@ class PipelinePlan:
 class StepResult:
     loss: float            # mean loss over the global batch (unscaled)
     grad_norm: float       # global gradient norm before clipping (nan when the step was skipped)
-    skipped: bool          # fp16 overflow: no update happened on any rank
+    skipped: bool          # no update happened on any rank (fp16 overflow, or ``nonfinite``)
     loss_scale: float | None = None
     bubble: float | None = None  # measured pipeline bubble of this step (pp > 1)
+    nonfinite: bool = False  # skipped for a NaN/inf loss or gradient that no loss scale explains
 
 
 def _default_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -92,15 +93,19 @@ class Engine:
 
         Gradients are averaged over all micro-batches of all data-parallel ranks, i.e. over the
         global batch, exactly as one process with gradient accumulation would compute them.
+        A step whose loss or global gradient norm is NaN or inf is skipped on every rank
+        (``skipped`` and ``nonfinite`` set), except when the strategy already applied the update
+        during backward (CPU offload without clipping or loss scaling), which cannot be undone.
         """
         self.model.train()
         scale = self.scaler.scale if self.scaler else 1.0
+        overlapped = False
         if self._begin_step is not None:
             # Strategies that can update during backward (CPU offload) need lr up front, and may
             # only do so when nothing can still change the update: no clipping, no loss scaling.
             # (Not under a pipeline, whose micro-batches reduce only after the whole schedule.)
-            self._begin_step(lr, overlap=(self.grad_clip is None and self.scaler is None
-                                          and self.runtime is None))
+            overlapped = bool(self._begin_step(lr, overlap=(self.grad_clip is None and self.scaler is None
+                                                             and self.runtime is None)))
         if self.runtime is None:
             local_loss = self._local_forward_backward(micro_batches, scale)
         else:
@@ -116,10 +121,18 @@ class Engine:
             self.scaler.update(skipped)
         if skipped:
             self.strategy.zero_grad()
-            return StepResult(mean_loss, float("nan"), True, scale)
+            # At the smallest loss scale an overflow is no longer the scale's fault.
+            return StepResult(mean_loss, float("nan"), True, scale,
+                              nonfinite=scale <= self.scaler.min_scale)
 
         inv_scale = 1.0 / scale
         norm = math.sqrt(self._grad_sq_norm()) * inv_scale
+        if not (math.isfinite(norm) and math.isfinite(mean_loss)) and not overlapped:
+            # NaN > grad_clip is false, so this update would write NaN into every weight. The norm
+            # and the loss are global, so every rank skips together.
+            self.strategy.zero_grad()
+            return StepResult(mean_loss, norm, True, self.scaler.scale if self.scaler else None,
+                              nonfinite=True)
         coef = inv_scale
         if self.grad_clip is not None and norm > self.grad_clip:
             coef *= self.grad_clip / (norm + 1e-6)

@@ -33,14 +33,28 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
+    nonfinite_steps: list[int] = field(default_factory=list)  # skipped for NaN/inf (a subset)
     start_step: int = 0
     last_step: int = 0
     sample: str | None = None
     comm_sent: dict = field(default_factory=dict)
 
 
+class TrainingDiverged(RuntimeError):
+    """Training produced NaN or inf that skipping steps did not cure; every rank raises it at the
+    same step, and the message (one paragraph) says where to continue from."""
+
+
 def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False) -> TrainResult:
-    """Train according to ``cfg`` in this process; creates the process group if none exists."""
+    """Train according to ``cfg`` in this process; creates the process group if none exists.
+
+    Raises ``TrainingDiverged`` after ``train.max_skipped_steps`` steps in a row were skipped for
+    a NaN/inf loss or gradient norm; no checkpoint with NaN or inf is ever written.
+    """
+    if cfg.out is None:
+        from .config import ConfigError
+        raise ConfigError("out is null: give the output folder (out=DIR); only the command line "
+                          "picks a fresh runs/<job>-<timestamp> folder by itself.")
     env = env or read_env()
     if dist.is_initialized():
         from .distributed.launch import pick_device
@@ -102,6 +116,7 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
                          device=device, num_workers=cfg.data.num_workers, end_step=end)
 
     in_a_row = 0  # consecutive steps skipped for NaN/inf
+    in_a_row = 0  # consecutive steps skipped for NaN/inf
     try:
         for step, batches in zip(range(start, end), loader):
             lr = lr_at(step, kind=t.schedule, lr=t.lr, total_steps=t.steps,
@@ -114,11 +129,14 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
             result.grad_norms.append(res.grad_norm)
             if res.skipped:
                 result.skipped_steps.append(done)
+            if res.nonfinite:
+                result.nonfinite_steps.append(done)
+            in_a_row = in_a_row + 1 if res.nonfinite else (in_a_row if res.skipped else 0)
             rec = step_metrics(step=done, loss=res.loss, lr=lr, grad_norm=res.grad_norm,
                                seconds=tm.seconds, samples=t.global_batch,
                                tokens_per_sample=model.tokens_per_sample, flops_per_sample=flops,
                                world_size=world, device=device, precision=policy.name,
-                               skipped=res.skipped, loss_scale=res.loss_scale)
+                               skipped=res.skipped, nonfinite=res.nonfinite, loss_scale=res.loss_scale)
             if res.bubble is not None:
                 rec["pipeline_bubble"] = res.bubble
             if evaluate is not None and (done % t.eval_every == 0 or done == end):
@@ -131,14 +149,21 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
             logger.log(rec)
             rate = rec["tokens_per_s"] if rec["tokens_per_s"] is not None else rec["samples_per_s"]
             bar.update(done, res.loss, rate)
-            if res.skipped and show:
+            if res.nonfinite and show:
+                bar.print(f"step {done}: loss {res.loss:.4g}, gradient norm {res.grad_norm:.4g}: not finite, "
+                          f"step skipped on all ranks ({in_a_row} in a row; the run stops at "
+                          f"train.max_skipped_steps={t.max_skipped_steps})")
+            elif res.skipped and show:
                 bar.print(f"step {done}: fp16 overflow on some rank, step skipped on all ranks; "
                           f"loss scale now {engine.scaler.scale:g}")
-            if not math.isfinite(res.loss):
-                raise FloatingPointError(f"loss is {res.loss} at step {done}: training diverged. "
-                                         "Lower train.lr, enable train.grad_clip, or use bf16/fp32.")
+            if in_a_row >= t.max_skipped_steps or not (res.skipped or math.isfinite(res.grad_norm)):
+                raise TrainingDiverged(_diverged(cfg, ckpt_root, done, in_a_row, res.skipped, is_main))
             every = cfg.checkpoint.every
-            if (every and done % every == 0) or done == end:
+            if ((every and done % every == 0) or done == end) and in_a_row:
+                # These weights just gave NaN/inf; saving them would also rotate good ones away.
+                if show:
+                    bar.print(f"step {done}: no checkpoint while steps are being skipped for NaN/inf")
+            elif (every and done % every == 0) or done == end:
                 _save(cfg, engine, ckpt_root, done, rank, mesh, device)
             result.last_step = done
     finally:
@@ -217,9 +242,37 @@ def _save(cfg, engine: Engine, root: Path, step: int, rank: int, mesh: Mesh, dev
     c = mesh.coords
     writer = c["dp"] == 0 and c["tp"] == 0
     part = f"-pp{c['pp']}" if mesh.dims.pp > 1 else ""
-    ckpt.save_checkpoint(root, step, rank=rank, world_comm=mesh.world, params=params, optim=optim,
-                         meta=meta, device=device, keep=cfg.checkpoint.keep,
-                         writes_tensors=writer, part=part)
+    try:
+        ckpt.save_checkpoint(root, step, rank=rank, world_comm=mesh.world, params=params, optim=optim,
+                             meta=meta, device=device, keep=cfg.checkpoint.keep,
+                             writes_tensors=writer, part=part)
+    except ckpt.NonFiniteCheckpointError as e:
+        raise TrainingDiverged(str(e)) from None
+
+
+def _diverged(cfg, root: Path, step: int, in_a_row: int, skipped: bool, is_main: bool) -> str:
+    """Set aside the checkpoints whose weights already produced NaN/inf gradients (the one just
+    before the first non-finite step, and any after it) so that resume=auto continues from a good
+    one; returns the one paragraph the run ends with."""
+    t = cfg.train
+    first_bad = step - in_a_row + 1 if skipped else step
+    moved = ckpt.set_aside(root, first_bad - 1, step) if is_main else []
+    if skipped:
+        what = (f"training diverged: {in_a_row} steps in a row, up to step {step}, had a NaN or inf loss "
+                f"or gradient norm (train.max_skipped_steps={t.max_skipped_steps}); they were skipped on "
+                f"every rank, so the weights never took those updates.")
+    else:
+        what = (f"training diverged: the gradient norm of step {step} is NaN or inf, and its update had "
+                f"already run during backward (CPU offload without train.grad_clip or loss scaling "
+                f"cannot skip a step).")
+    if moved:
+        what += (f" The checkpoint(s) made from weights that then gave NaN/inf were renamed "
+                 f"({', '.join(d.name for d in moved)}) so that resume=auto skips them.")
+    last = ckpt.find_latest(root)
+    where = (f"Continue from the last good checkpoint, {last} (resume=auto),"
+             if last is not None else "No good checkpoint was written: start again")
+    return (f"{what} {where} with a lower train.lr (now {t.lr:g}), train.grad_clip set, or, with fp16, "
+            f"precision=bf16 or fp32.")
 
 
 def _write_timeline(engine: Engine, mesh: Mesh, out: Path, cfg, is_main: bool) -> None:

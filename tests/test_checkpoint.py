@@ -11,6 +11,9 @@ class _NoComm:
     def barrier(self):
         pass
 
+    def all_reduce_scalar(self, value, op=None, device=None):
+        return value
+
 
 def _save(root, step, keep=2):
     p = {"w": torch.full((2, 2), float(step))}

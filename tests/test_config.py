@@ -66,13 +66,14 @@ def test_schema_defaults():
     assert (t.min_lr_ratio, t.weight_decay, t.betas, t.momentum, t.schedule) == (0.1, 0.1, (0.9, 0.95), 0.0, "cosine")
     assert (t.warmup_steps, t.grad_clip, t.stop_after, t.log_every, t.eval_every, t.sample_tokens) == \
         (20, 1.0, None, 10, 0, 200)
+    assert t.max_skipped_steps == 5
     assert t.min_lr == pytest.approx(1e-4) and t.clip_enabled
     assert (p.dp, p.pp, p.tp, p.zero, p.offload, p.offload_dir) == (None, 1, 1, 0, "none", None)
     assert (p.pp_schedule, p.pp_microbatches, p.pp_virtual, p.pp_balance) == ("1f1b", None, 1, "params")
     assert (p.bucket_mb, p.timeout_s, p.backend) == (25.0, 600.0, "auto")
     assert (cfg.checkpoint.every, cfg.checkpoint.dir, cfg.checkpoint.keep) == (0, None, 3)
     assert (cfg.debug.inject_overflow_step, cfg.debug.inject_overflow_rank) == (None, 0)
-    assert (cfg.precision, cfg.resume, cfg.out, cfg.nproc) == ("auto", None, "runs/default", None)
+    assert (cfg.precision, cfg.resume, cfg.out, cfg.overwrite, cfg.nproc) == ("auto", None, None, False, None)
 
 
 def test_auto_resolution_helpers():
@@ -125,6 +126,7 @@ OVERRIDES = [
     ("train.log_every", ["train.log_every=5"], 5),
     ("train.eval_every", ["train.eval_every=25"], 25),
     ("train.sample_tokens", ["train.sample_tokens=0"], 0),
+    ("train.max_skipped_steps", ["train.max_skipped_steps=1"], 1),
     ("parallel.dp", ["parallel.dp=4"], 4),
     ("parallel.pp", ["parallel.pp=2"], 2),
     ("parallel.tp", ["parallel.tp=2"], 2),
@@ -146,6 +148,7 @@ OVERRIDES = [
     ("precision", ["precision=bf16"], "bf16"),
     ("resume", ["resume=auto"], "auto"),
     ("out", ["out=runs/exp1"], "runs/exp1"),
+    ("overwrite", ["overwrite=true"], True),
     ("nproc", ["nproc=4"], 4),
 ]
 

@@ -17,8 +17,11 @@ and with what hyper-parameters), so losses match a run whose optimizer state sit
 Nothing here knows about ZeRO stages: a stage 1, 2 or 3 strategy hands ``step`` its flat gradient
 shard and a flat output for the updated weights. Disk space is checked (and reserved) before
 training starts; the files are removed by ``close()``, or when the object is garbage collected or
-the interpreter exits. The page cache is not bypassed (no O_DIRECT), so on a host with free memory
-the kernel may keep recently used chunks in RAM; that changes speed, not what the process holds.
+the interpreter exits. A killed process cannot remove them: each folder records its owner process,
+and the next ``NVMeOptimizer`` on the same ``offload_dir`` removes the folders of dead owners on its
+host before checking the free space. The page cache is not bypassed (no O_DIRECT), so on a host
+with free memory the kernel may keep recently used chunks in RAM; that changes speed, not what the
+process holds.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+
+from ...rundir import OWNER_FILE, sweep_stale, write_owner
 
 __all__ = ["GroupHyper", "OptimizerSpec", "NVMeOptimizer", "required_bytes"]
 
@@ -161,6 +166,10 @@ def _cleanup(fds: list[int], files: list[Path], folder: Path, pool: ThreadPoolEx
         except FileNotFoundError:
             pass
     try:
+        (folder / OWNER_FILE).unlink()
+    except FileNotFoundError:
+        pass
+    try:
         folder.rmdir()
     except OSError:
         pass
@@ -206,11 +215,14 @@ class NVMeOptimizer:
 
         root = Path(offload_dir)
         root.mkdir(parents=True, exist_ok=True)
+        # Folders of killed runs would otherwise count against the space check below.
+        sweep_stale(root, "gigatrain-nvme-*")
         need = required_bytes(self.numel, spec)
         free = shutil.disk_usage(root).free
         if need > free:
             raise _space_error(need, free, root, self.numel, self.state_keys)
         self.folder = Path(tempfile.mkdtemp(prefix=f"gigatrain-nvme-{name}-", dir=root))
+        write_owner(self.folder)
         self.files = [self.folder / f"{k}.f32" for k in self.keys]
         self._fds: list[int] = []
         self._pool = ThreadPoolExecutor(max_workers=max(1, io_workers), thread_name_prefix="nvme-io")

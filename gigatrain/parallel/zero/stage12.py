@@ -273,22 +273,24 @@ class ZeroStrategy:
         reduce-scatters every bucket (it keeps no full gradient buffer to accumulate into)."""
         self._sync = sync
 
-    def begin_step(self, lr: float, *, overlap: bool = False) -> None:
+    def begin_step(self, lr: float, *, overlap: bool = False) -> bool:
         """Announce the coming step, before its first micro-step's backward.
 
         ``overlap=True`` promises that ``step`` will be called with ``lr`` and ``grad_coef == 1``
         (no gradient clipping, no loss scaling, so no skipped step). With ``offload="cpu"`` each
         bucket's host update then runs on a worker thread as soon as its final gradient has reached
-        the host, overlapping the rest of backward. Otherwise this call changes nothing.
+        the host, overlapping the rest of backward. Otherwise this call changes nothing. Returns
+        whether the update will run during backward (and so can no longer be skipped).
         """
         if not (self.offload and overlap):
             self._overlap = None
-            return
+            return False
         if self._host is None:
             raise RuntimeError("build_optimizer must run before begin_step")
         self._overlap = _Overlap(float(lr))
         for g in self._host.optimizer.param_groups:
             g["lr"] = float(lr)
+        return True
 
     def _take_grad(self, p: torch.Tensor) -> None:
         """Stage 2: move a just-accumulated gradient into its bucket and drop ``param.grad``."""
