@@ -778,8 +778,8 @@ def resolve_for_world(cfg: Config, world_size: int) -> Config:
     offload, `parallel.offload_dir` (<out>/offload), these two only when `out` is set. Checks
     that dp x pp x tp equals the world size, that global_batch is a multiple of micro_batch x
     dp, that an explicit pp_microbatches matches, that the overflow-injection rank exists and
-    that a resume path exists. Every failure is reported together in one ConfigError that says what to change.
-    After this, `cfg.grad_accum` and `cfg.world_size` are defined.
+    that a resume path exists. Every failure is reported together in one ConfigError that says
+    what to change. After this, `cfg.grad_accum` and `cfg.world_size` are defined.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"the world size must be a positive integer, got {world_size!r}")
