@@ -30,8 +30,7 @@ def _run(rank, world, args):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from gigatrain.distributed.mesh import Mesh, ParallelDims
-    from gigatrain.engine import Stage0Strategy
-    from gigatrain.parallel.zero import build_zero_strategy
+    from gigatrain.parallel.strategy import build_grad_strategy
     from gigatrain.parallel.zero.memory import measure_model_state_bytes
     from gigatrain.precision import PrecisionPolicy
 
@@ -59,24 +58,21 @@ def _run(rank, world, args):
 
     def ours(name, stage, offload="none"):
         m = model()
-        if stage == 0:
-            st = Stage0Strategy(m, mesh, bucket_mb=args["bucket_mb"], precision=policy)
-        else:
-            st = build_zero_strategy(stage, m, mesh, bucket_mb=args["bucket_mb"], precision=policy,
-                                     offload=offload)
-        opt = st.build_optimizer(adamw)
+        st = build_grad_strategy(stage, m, mesh, adamw, bucket_mb=args["bucket_mb"], precision=policy,
+                                 offload=offload)
+        opt = st.optimizer
 
         def step():
             x, y = batch()
             st.set_sync(True)
             m.loss(m(x), y).backward()
             st.after_backward()
-            st.step(opt, hp["lr"], 1.0)
+            st.step(hp["lr"], 1.0)
             st.zero_grad()
 
         engines[name] = step
         memory[name] = lambda: measure_model_state_bytes(
-            st, opt, m, host=st.host_tensors() if hasattr(st, "host_tensors") else ())
+            st, opt, m, host=st.host_tensors())
 
     ours("stage0", 0)
     ours("stage1", 1)

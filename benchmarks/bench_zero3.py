@@ -46,15 +46,15 @@ def _run(rank, world, args):
     offload_dir = os.path.join(args["tmp"], f"rank{rank}")
     for kind in ["none"] + [k for k in args["offload"] if k != "none"]:
         m = model()
-        st = Stage3Strategy(m, mesh, bucket_mb=args["bucket_mb"], precision=policy, offload=kind,
+        st = Stage3Strategy(m, mesh, lambda groups: adamw([{"params": g["params"]} for g in groups]),
+                            bucket_mb=args["bucket_mb"], precision=policy, offload=kind,
                             offload_dir=offload_dir, prefetch=not args["no_prefetch"])
-        opt = st.build_optimizer(lambda groups: adamw([{"params": g["params"]} for g in groups]))
 
-        def step(m=m, st=st, opt=opt):
+        def step(m=m, st=st):
             x, y = batch()
             m.loss(m(x), y).backward()
             st.after_backward()
-            st.step(opt, 1e-4, 1.0)
+            st.step(1e-4, 1.0)
             st.zero_grad()
         engines["ours" if kind == "none" else f"ours_{kind}"] = step
 

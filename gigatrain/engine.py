@@ -20,12 +20,10 @@ import torch
 import torch.nn as nn
 
 from .distributed.mesh import Mesh
-from .parallel.data_parallel import DataParallel
-from .optim import param_groups
+from .parallel.strategy import OptimizerFactory, build_grad_strategy, persistent_buffers
 from .precision import DynamicLossScaler, PrecisionPolicy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]  # groups: {"params", "decay"}
 
 
 @dataclass(frozen=True)
@@ -80,10 +78,9 @@ class Engine:
         if mesh.pp.size > 1:
             owned = self._build_pipeline(pipeline or PipelinePlan())
         self.owned = owned  # the parameters this rank trains, under their full-model names
-        self.strategy = build_grad_strategy(zero, owned, mesh, bucket_mb=bucket_mb,
+        self.strategy = build_grad_strategy(zero, owned, mesh, optimizer_factory, bucket_mb=bucket_mb,
                                             precision=precision, **(strategy_options or {}))
-        self.optimizer = self.strategy.build_optimizer(optimizer_factory)
-        self._begin_step = getattr(self.strategy, "begin_step", None)
+        self.optimizer = self.strategy.optimizer
         self.scaler = DynamicLossScaler() if precision.loss_scaling else None
 
     # -- one optimizer step -------------------------------------------------------------------
@@ -99,13 +96,11 @@ class Engine:
         """
         self.model.train()
         scale = self.scaler.scale if self.scaler else 1.0
-        overlapped = False
-        if self._begin_step is not None:
-            # Strategies that can update during backward (CPU offload) need lr up front, and may
-            # only do so when nothing can still change the update: no clipping, no loss scaling.
-            # (Not under a pipeline, whose micro-batches reduce only after the whole schedule.)
-            overlapped = bool(self._begin_step(lr, overlap=(self.grad_clip is None and self.scaler is None
-                                                             and self.runtime is None)))
+        # Strategies that can update during backward (CPU offload) need lr up front, and may
+        # only do so when nothing can still change the update: no clipping, no loss scaling.
+        # (Not under a pipeline, whose micro-batches reduce only after the whole schedule.)
+        overlapped = self.strategy.begin_step(lr, overlap=(self.grad_clip is None and self.scaler is None
+                                                           and self.runtime is None))
         if self.runtime is None:
             local_loss = self._local_forward_backward(micro_batches, scale)
         else:
@@ -136,7 +131,7 @@ class Engine:
         coef = inv_scale
         if self.grad_clip is not None and norm > self.grad_clip:
             coef *= self.grad_clip / (norm + 1e-6)
-        self.strategy.step(self.optimizer, lr, coef)
+        self.strategy.step(lr, coef)
         self.strategy.zero_grad()
         return StepResult(mean_loss, norm, False, self.scaler.scale if self.scaler else None,
                           self._bubble())
@@ -286,7 +281,7 @@ class Engine:
     def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """(parameters and persistent buffers by name, optimizer state by parameter name), full
         and unsharded, on CPU."""
-        params, optim = self.strategy.full_state(self.optimizer)
+        params, optim = self.strategy.full_state()
         params = dict(params)
         for name, b in self._owned_buffers().items():
             params[name] = b.detach().to("cpu").clone()
@@ -296,7 +291,7 @@ class Engine:
                         optim: dict[str, dict[str, torch.Tensor]] | None) -> None:
         """Load state saved by ``full_state`` in any layout; a mismatch raises ``ValueError``."""
         try:
-            self.strategy.load_full_state(self.optimizer, params, optim)
+            self.strategy.load_full_state(params, optim)
         except KeyError as e:
             raise ValueError(str(e).strip("'\"")) from None
         with torch.no_grad():
@@ -311,58 +306,6 @@ class Engine:
         """Persistent buffers (e.g. BatchNorm statistics) of the modules this rank runs."""
         mine = {id(b) for b in self.owned.buffers()}
         return {n: b for n, b in persistent_buffers(self.model).items() if id(b) in mine}
-
-
-class Stage0Strategy:
-    """Plain data parallel: full gradients, full optimizer on every rank."""
-
-    def __init__(self, model: nn.Module, mesh: Mesh, *, bucket_mb: float, precision: PrecisionPolicy):
-        self.model = model
-        self.mesh = mesh
-        self.dp = DataParallel(model, mesh.dp, bucket_mb)
-
-    def build_optimizer(self, factory: OptimizerFactory) -> torch.optim.Optimizer:
-        return factory(param_groups(self.model.named_parameters()))
-
-    def set_sync(self, sync: bool) -> None:
-        self.dp.set_sync(sync)
-
-    def after_backward(self) -> None:
-        self.dp.after_backward()
-
-    def reduce_accumulated(self) -> None:
-        """Reduce every bucket now (gradients were accumulated with sync off)."""
-        self.dp.buckets.reset()
-        self.dp.set_sync(True)
-        self.dp.after_backward()
-
-    def grads(self) -> list[torch.Tensor]:
-        return self.dp.grads()
-
-    def grad_sq_norm(self, exclude=()) -> float:
-        sq = float(self.dp.grad_sq_norm())
-        for p in exclude:
-            sq -= float(p.grad.float().pow(2).sum())
-        return sq
-
-    def zero_grad(self) -> None:
-        self.dp.zero_grad()
-
-    def step(self, optimizer: torch.optim.Optimizer, lr: float, grad_coef: float) -> None:
-        if grad_coef != 1.0:
-            for b in self.dp.buckets.buckets:
-                b.buffer.mul_(grad_coef)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        optimizer.step()
-
-    def full_state(self, optimizer):
-        return params_by_name(self.model), optimizer_state_by_name(self.model, optimizer)
-
-    def load_full_state(self, optimizer, params, optim) -> None:
-        load_params_by_name(self.model, params)
-        if optim is not None:
-            load_optimizer_state_by_name(self.model, optimizer, optim)
 
 
 class StagePart(nn.Module):
@@ -386,74 +329,3 @@ class StagePart(nn.Module):
 
     def forward(self, *args, **kwargs):  # pragma: no cover - never called
         raise RuntimeError("StagePart only groups parameters; the pipeline runtime runs the stages")
-
-
-def build_grad_strategy(zero: int, model: nn.Module, mesh: Mesh, **kwargs):
-    """The gradient strategy for a ZeRO stage (0 = plain data parallel)."""
-    if zero == 0:
-        return Stage0Strategy(model, mesh, **kwargs)
-    try:
-        from .parallel.zero import build_zero_strategy
-    except ImportError as e:  # pragma: no cover - depends on what is installed
-        raise NotImplementedError(f"ZeRO stage {zero} is not available: {e}") from e
-    return build_zero_strategy(zero, model, mesh, **kwargs)
-
-
-# -- name-keyed state, shared by every strategy -------------------------------------------------
-def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Buffers that belong in a checkpoint (those ``state_dict`` keeps), by full name."""
-    out = {}
-    for mname, m in model.named_modules():
-        for bname, b in m.named_buffers(recurse=False):
-            if b is not None and bname not in m._non_persistent_buffers_set:
-                out.setdefault(f"{mname}.{bname}" if mname else bname, b)
-    return out
-
-
-def unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Parameters by their first name (a tied weight appears once)."""
-    return list(model.named_parameters())
-
-
-def params_by_name(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", torch.float32).clone() for n, p in unique_named_parameters(model)}
-
-
-def load_params_by_name(model: nn.Module, params: dict[str, torch.Tensor]) -> None:
-    named = dict(unique_named_parameters(model))
-    missing = sorted(set(named) - set(params))
-    if missing:
-        raise KeyError(f"checkpoint lacks parameters: {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    with torch.no_grad():
-        for n, p in named.items():
-            src = params[n]
-            if tuple(src.shape) != tuple(p.shape):
-                raise ValueError(f"parameter {n}: checkpoint shape {tuple(src.shape)} != model {tuple(p.shape)}")
-            p.copy_(src.to(p.dtype))
-
-
-def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer):
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for n, p in unique_named_parameters(model):
-        st = optimizer.state.get(p)
-        if not st:
-            continue
-        out[n] = {k: (v.detach().to("cpu").clone() if torch.is_tensor(v) else torch.tensor(float(v)))
-                  for k, v in st.items()}
-    return out
-
-
-def load_optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state) -> None:
-    for n, p in unique_named_parameters(model):
-        if n not in state:
-            continue
-        st = {}
-        for k, v in state[n].items():
-            # torch keeps AdamW's ``step`` as a CPU float tensor unless fused/capturable.
-            if k == "step":
-                st[k] = v.to(torch.float32).reshape(()).clone()
-                if optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"):
-                    st[k] = st[k].to(p.device)
-            else:
-                st[k] = v.to(device=p.device, dtype=p.dtype).clone()
-        optimizer.state[p] = st

@@ -45,7 +45,7 @@ _model_for_data = _model()
 
 def _oracle(opt, clip):
     """One process, plain PyTorch, the whole global batch at once."""
-    from gigatrain.engine import optimizer_state_by_name, params_by_name
+    from gigatrain.parallel.data_parallel import optimizer_state_by_name, params_by_name
     from gigatrain.optim import build_optimizer, param_groups
 
     model = _model()

@@ -5,14 +5,27 @@ so communication of the late layers overlaps the backward of the early ones. On 
 accumulation micro-steps nothing is communicated: gradients keep accumulating in the buckets and
 only the last micro-step reduces them. torch's ``DistributedDataParallel`` is the oracle in tests
 and the peer in ``benchmarks/bench_dp.py``.
+
+``Stage0Strategy`` is this technique as a ``GradStrategy``; ``params_by_name`` and
+``optimizer_state_by_name`` give the full, name-keyed state of a model held whole (a checkpoint, or
+the one-process reference a test compares with).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from ..distributed.comm import Comm
+from ..optim import param_groups
 from .zero.buckets import Bucket, GradBuckets
+from .zero.shards import NoStates, TorchStates, load_whole_master, whole_master, whole_model_codec
+
+if TYPE_CHECKING:
+    from ..distributed.mesh import Mesh
+    from ..precision import PrecisionPolicy
+    from .strategy import OptimizerFactory
 
 
 class DataParallel:
@@ -71,3 +84,78 @@ class DataParallel:
     def grad_sq_norm(self) -> torch.Tensor:
         """Sum of squared gradient entries on this rank (identical on every rank after reduction)."""
         return sum(b.buffer.float().pow(2).sum() for b in self.buckets.buckets)
+
+    def close(self) -> None:
+        """Remove the hooks from the model's parameters."""
+        self.buckets.remove_hooks()
+
+
+class Stage0Strategy:
+    """Plain data parallel as a ``GradStrategy``: full gradients, all-reduced in buckets, and the
+    optimizer ``optimizer_factory`` builds over the whole model on every rank."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *,
+                 bucket_mb: float = 25.0, precision: PrecisionPolicy | None = None):
+        self.model = model
+        self.mesh = mesh
+        self.dp = DataParallel(model, mesh.dp, bucket_mb)
+        self.optimizer = optimizer_factory(param_groups(model.named_parameters()))
+        self._codec = whole_model_codec(model, mesh.device)
+
+    def set_sync(self, sync: bool) -> None:
+        self.dp.set_sync(sync)
+
+    def begin_step(self, lr: float, *, overlap: bool = False) -> bool:
+        return False
+
+    def after_backward(self) -> None:
+        self.dp.after_backward()
+
+    def reduce_accumulated(self) -> None:
+        """Reduce every bucket now (gradients were accumulated with sync off)."""
+        self.dp.buckets.reset()
+        self.dp.set_sync(True)
+        self.dp.after_backward()
+
+    def grads(self) -> list[torch.Tensor]:
+        return self.dp.grads()
+
+    def grad_sq_norm(self, exclude=()) -> float:
+        sq = float(self.dp.grad_sq_norm())
+        for p in exclude:
+            sq -= float(p.grad.float().pow(2).sum())
+        return sq
+
+    def zero_grad(self) -> None:
+        self.dp.zero_grad()
+
+    def step(self, lr: float, grad_coef: float) -> None:
+        if grad_coef != 1.0:
+            for b in self.dp.buckets.buckets:
+                b.buffer.mul_(grad_coef)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+
+    def full_state(self):
+        return self._codec.export(whole_master, TorchStates(self.optimizer))
+
+    def load_full_state(self, params, optim) -> None:
+        self._codec.load(params, optim, load_whole_master, TorchStates(self.optimizer))
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def close(self) -> None:
+        self.dp.close()
+
+
+def params_by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of ``model`` (held whole) by its first name: fp32 copies on the CPU."""
+    return whole_model_codec(model).export(whole_master, NoStates())[0]
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """The state of a torch ``optimizer`` over ``model``'s own parameters, by parameter name and
+    torch's state key, as a checkpoint stores it."""
+    return whole_model_codec(model).export(whole_master, TorchStates(optimizer))[1]

@@ -36,6 +36,23 @@ class Bucket:
         return [self.buffer[o:o + p.numel()].view_as(p) for p, o in zip(self.params, self.offsets)]
 
 
+def flat_layout(params: Sequence[torch.Tensor], align: int = 1) -> tuple[list[int], int, int]:
+    """(offset of each tensor, elements used, elements padded to a multiple of ``align``) when
+    ``params`` are laid out one after another in one flat buffer."""
+    offsets, n = [], 0
+    for p in params:
+        offsets.append(n)
+        n += p.numel()
+    return offsets, n, -(-n // align) * align
+
+
+def remove_hooks(handles: list) -> None:
+    """Remove hooks registered on tensors or modules, and forget their handles."""
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
 def plan_buckets(params: Sequence[nn.Parameter], bucket_bytes: int, align: int = 1) -> list[list[int]]:
     """Indices of ``params`` per bucket, walking them in reverse; pure arithmetic."""
     groups: list[list[int]] = []
@@ -71,11 +88,7 @@ class GradBuckets:
         self._bucket_of: dict[int, Bucket] = {}
         for bi, idx in enumerate(plan_buckets(uniq, bucket_bytes, align)):
             ps = [uniq[i] for i in idx]
-            offsets, n = [], 0
-            for p in ps:
-                offsets.append(n)
-                n += p.numel()
-            padded = -(-n // align) * align
+            offsets, n, padded = flat_layout(ps, align)
             buf = torch.zeros(padded, dtype=dtype or ps[0].dtype, device=device or ps[0].device)
             b = Bucket(bi, ps, offsets, n, buf)
             self.buckets.append(b)
@@ -113,9 +126,7 @@ class GradBuckets:
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
     def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        remove_hooks(self._handles)
 
     def _hook(self, p: torch.Tensor) -> None:
         b = self._bucket_of[id(p)]

@@ -1,11 +1,12 @@
-"""CPU offload for ZeRO stages 1 and 2: host buffers, the per-bucket host update, a worker thread.
+"""CPU offload for ZeRO stages 1-3: host buffers, the host update of a flat shard, a worker thread.
 
 With ``offload="cpu"`` each rank keeps its fp32 master shard and the optimizer states in host
-memory, and the device only holds low-precision parameters (and, for stage 1, low-precision
-gradients). Gradients travel to the host in the parameter dtype as their buckets complete, the
-optimizer updates one bucket shard at a time on the CPU (the one-pass C++ AdamW from
-``gigatrain.optim.cpu_adam`` reads bf16/fp16 gradients directly and writes the new low-precision
-parameters in the same pass), and the updated low-precision shard is copied back and all-gathered.
+memory (``HostShard``), and the device only holds low-precision parameters (and, for stage 1,
+low-precision gradients). Gradients travel to the host in the parameter dtype as their buckets
+or units are reduced, the optimizer updates the shard piece by piece on the CPU (the one-pass C++
+AdamW from ``gigatrain.optim.cpu_adam`` reads bf16/fp16 gradients directly and writes the new
+low-precision parameters in the same pass), and the updated low-precision values go back to the
+device.
 
 Host memory per parameter, per rank: 4 bytes of master + the optimizer states (8 for Adam) + the
 gradient shard in the parameter dtype, which is also where the updated low-precision parameters
@@ -14,17 +15,23 @@ element's output, so one buffer serves both).
 
 Pinned memory: torch's pinned host allocator rounds every block up to a power of two (a 43 GiB
 request pins 64 GiB), so the few large host buffers here are ordinary allocations that are then
-page-locked in place with ``cudaHostRegister``, and everything else is a view into them.
+page-locked in place with ``cudaHostRegister``, and everything else is a view into them. The
+master is only read and written by the CPU, so it is not page-locked.
 """
 from __future__ import annotations
 
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn as nn
+
+from .shards import Segment, attach_pieces, optimizer_over, torch_step
+
+if TYPE_CHECKING:
+    from ..strategy import OptimizerFactory
 
 
 # -- host buffers ------------------------------------------------------------------------------
@@ -137,18 +144,55 @@ class HostOptimizer:
                             beta1, beta2, group["eps"], group["weight_decay"], clip_coef=coef,
                             maximize=group.get("maximize", False), out_lowp=o)
             return
-        for p, g in zip(params, grads):
-            g32 = g.float() if g.dtype != torch.float32 else g   # fp32 gradients are consumed here
-            if coef != 1.0:
-                g32.mul_(coef)
-            p.grad = g32
-        try:
-            self.optimizer.step()   # steps only the parameters that have a gradient: this bucket's
-        finally:
-            for p in params:
-                p.grad = None
+        torch_step(self.optimizer, params, grads, coef)
         for p, o in zip(params, outs):
             o.copy_(p.data)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The host tensors holding the optimizer states."""
+        return [self.state_buffer.tensor] + [v for st in self.optimizer.state.values()
+                                             for v in st.values() if torch.is_tensor(v)]
+
+
+class HostShard:
+    """The host side of CPU offload for one rank's flat shard of ``numel`` elements.
+
+    ``master``: the fp32 master shard. ``grad``: the gradient shard in ``grad_dtype`` (page-locked
+    when ``pin``); ``update`` consumes it and leaves the updated parameters, in that dtype, in its
+    place, ready to go back to the device. Segments index both by their ``shard`` range.
+    """
+
+    def __init__(self, numel: int, grad_dtype: torch.dtype, *, pin: bool):
+        self.numel = int(numel)
+        self.pin = pin
+        self.master = torch.zeros(self.numel, dtype=torch.float32)
+        self._grad = HostBuffer(self.numel, grad_dtype, pin=pin)
+        self.grad = self._grad.tensor
+        self.host: HostOptimizer | None = None
+
+    def build_optimizer(self, factory: OptimizerFactory, segments: Sequence[Segment]) -> torch.optim.Optimizer:
+        """``factory`` over fp32 views of the master, one per piece of ``segments``; the returned
+        optimizer (AdamW becomes ``CPUAdamW``) keeps its states in one host buffer."""
+        pieces = attach_pieces(segments, lambda seg: self.master[seg.shard])
+        offsets = [seg.offset + pc.start for seg in segments for pc in seg.pieces]
+        self.host = HostOptimizer(optimizer_over(factory, pieces), [pc.param for pc in pieces], offsets,
+                                  self.numel, pin=self.pin)
+        return self.host.optimizer
+
+    def update(self, segments: Sequence[Segment], coef: float) -> None:
+        """Update the master of ``segments`` from their gradients times ``coef``; the gradient
+        ranges then hold the new parameters in the gradient dtype."""
+        params, grads = [], []
+        for seg in segments:
+            g = self.grad[seg.shard]
+            for pc in seg.pieces:
+                params.append(pc.param)
+                grads.append(g[pc.start:pc.end])
+        self.host.step_(params, grads, grads, coef)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every host tensor of the offload (for ``memory.measure_model_state_bytes``)."""
+        return [self.master, self.grad] + (self.host.tensors() if self.host is not None else [])
 
 
 # -- the overlapped update ---------------------------------------------------------------------

@@ -42,14 +42,16 @@ known. So the overlapped update runs only when the caller announces the step wit
 ``begin_step(lr, overlap=True)``, promising no clipping, no loss scaling (``grad_coef == 1``) and
 no skipped step; otherwise the update waits for ``step``.
 
-Besides the interface every gradient strategy has (see ``gigatrain.engine.Stage0Strategy``), this
-one offers ``begin_step`` (above), ``grad_sq_norm(exclude=...)`` (leave out a tied weight another
-pipeline stage counts), ``reduce_accumulated`` (stage 1 under a pipeline schedule) and
-``host_tensors`` (its offloaded buffers, for ``memory.measure_model_state_bytes``).
+What differs between the two stages (when a bucket is reduce-scattered, where the reduced shard
+and the accumulated gradients live) is a small policy object, ``_Stage1Reduce`` or
+``_Stage2Reduce``, chosen once at construction; the rest of the strategy, the optimizer over the
+shards, the host update (``offload.HostShard``) and the name-keyed state (``shards.StateCodec``)
+are the same code for both. The interface is ``gigatrain.parallel.strategy.GradStrategy``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -57,41 +59,28 @@ import torch.nn as nn
 from ...distributed.mesh import Mesh
 from ...optim import decays
 from ...precision import PrecisionPolicy
-from .buckets import Bucket, GradBuckets
-from .offload import HostBuffer, HostOptimizer, Worker
+from .buckets import Bucket, GradBuckets, remove_hooks
+from .offload import HostShard, Worker
+from .shards import (Segment, StateCodec, TorchStates, attach_pieces, decay_pieces, local_sq_norm, optimizer_over,
+                     torch_step)
+
+if TYPE_CHECKING:
+    from ..strategy import OptimizerFactory
 
 OFFLOAD_CHOICES = ("none", "cpu")
 _META = torch.device("meta")
 
 
 @dataclass
-class _Run:
-    """A contiguous part of a shard with one weight-decay setting: one optimizer Parameter."""
-
-    start: int                         # inside the shard
-    end: int
-    decay: bool
-    param: nn.Parameter | None = None  # flat fp32 view of the master (or of the parameters)
-
-
-@dataclass
-class _Shard:
-    """Rank-local state for one bucket: the range [lo, hi) of the bucket this rank owns."""
+class _Shard(Segment):
+    """This rank's part ``[lo, hi)`` of one bucket and where its optimizer inputs live."""
 
     bucket: Bucket
-    lo: int
-    hi: int
-    offset: int                        # position in the rank's flat master / gradient buffers
     pflat: torch.Tensor                # all of the bucket's parameters; param.data are views
     master: torch.Tensor | None        # fp32 master of [lo, hi); None when pflat[lo:hi] is it
     grad: torch.Tensor                 # reduced gradient of [lo, hi), parameter dtype
-    runs: list[_Run]
     fresh: bool = True                 # grad holds nothing of this step: next delivery overwrites
     event: object = None               # CUDA event of the last device->host gradient copy
-
-    @property
-    def numel(self) -> int:
-        return self.hi - self.lo
 
     def param_shard(self) -> torch.Tensor:
         return self.pflat[self.lo:self.hi]
@@ -123,17 +112,155 @@ class _Overlap:
         self.partials: list[float] = []
 
 
-class ZeroStrategy:
-    """ZeRO stage 1 or 2 for ``model`` over ``mesh.dp``; the gradient strategy the Engine drives.
+# -- what differs between stage 1 and stage 2 ------------------------------------------------------
+class _Stage1Reduce:
+    """Stage 1: autograd accumulates into full gradient buckets across micro-steps; on the last
+    micro-step each bucket is reduce-scattered in place, into this rank's part of the buffer."""
 
-    ``offload`` is "none" or "cpu" (fp32 master and optimizer states in host memory, the update
-    on the CPU). ``bucket_mb`` is the size of a gradient bucket in the parameter dtype.
+    bucket_device: torch.device | None = None     # resident buffers, on the compute device
+
+    def __init__(self, zs: ZeroStrategy):
+        self.zs = zs
+        # Divide by N after the reduce-scatter, on the shard only, except with fp16, whose sum
+        # could overflow.
+        self.prescale = zs.param_dtype == torch.float16 and zs.comm.size > 1
+
+    def grad_home(self, b: Bucket, lo: int, hi: int, offset: int) -> torch.Tensor:
+        return b.buffer[lo:hi]
+
+    def install(self) -> None:
+        self.zs.buckets.attach_grads()
+
+    def communicates(self, sync: bool) -> bool:
+        return sync
+
+    def launch(self, sh: _Shard) -> torch.Tensor:
+        """Prepare ``sh``'s bucket for its reduce-scatter and return where the result goes."""
+        if self.prescale:
+            sh.bucket.buffer.div_(self.zs.comm.size)
+        return sh.bucket.buffer[sh.lo:sh.hi]
+
+    def landed(self, sh: _Shard, out: torch.Tensor) -> None:
+        n = self.zs.comm.size
+        if not self.prescale and n > 1:
+            out.div_(n)                 # the sum -> the average, on the shard only
+
+    def keep(self, sh: _Shard, out: torch.Tensor) -> None:
+        """``out`` is the gradient shard itself: nothing to add."""
+
+    def backward_done(self, sync: bool) -> None:
+        pass
+
+    def zero_grad(self) -> None:
+        self.zs.buckets.zero_()
+
+    def reduce_accumulated(self) -> None:
+        zs = self.zs
+        zs.buckets.reset()
+        zs._sync = True
+        zs.after_backward()
+
+    def close(self) -> None:
+        pass
+
+
+class _Stage2Reduce:
+    """Stage 2: no full gradient buffer. Each gradient is copied (divided by N) into its bucket's
+    buffer, taken from a small pool, as soon as autograd has accumulated it; a complete bucket is
+    reduce-scattered on every micro-step and added into this rank's gradient shard."""
+
+    bucket_device = _META       # placeholders until a bucket is in flight
+
+    def __init__(self, zs: ZeroStrategy):
+        self.zs = zs
+        self.grad_flat = None if zs.offload else torch.zeros(zs.shard_numel, dtype=zs.param_dtype,
+                                                               device=zs.device)
+        self._slot: dict[int, tuple[Bucket, int]] = {}
+        self._handles: list = []
+        self.pool: _BufferPool | None = None
+
+    def grad_home(self, b: Bucket, lo: int, hi: int, offset: int) -> torch.Tensor:
+        return self.grad_flat[offset:offset + hi - lo]
+
+    def install(self) -> None:
+        zs = self.zs
+        self.pool = _BufferPool(max(b.padded_numel for b in zs.buckets.buckets), zs.param_dtype, zs.device)
+        for b in zs.buckets.buckets:
+            for p, o in zip(b.params, b.offsets):
+                self._slot[id(p)] = (b, o)
+        for p in zs.buckets.params:   # registered first: runs before the bucket counter
+            self._handles.append(p.register_post_accumulate_grad_hook(self._take_grad))
+
+    def _take_grad(self, p: torch.Tensor) -> None:
+        """Move a just-accumulated gradient into its bucket and drop ``param.grad``."""
+        b, o = self._slot[id(p)]
+        if b.buffer.device.type == "meta":
+            self._acquire(b)
+        # Divided on the way in (free: the copy happens anyway) so the sum is the average.
+        torch.div(p.grad, self.zs.comm.size, out=b.buffer[o:o + p.numel()].view_as(p))
+        b.state["arrived"].add(id(p))
+        p.grad = None
+
+    def _acquire(self, b: Bucket) -> None:
+        base = self.pool.take()
+        b.state["base"] = base
+        b.state["arrived"] = set()
+        b.buffer = base[:b.padded_numel]
+        b.buffer[b.numel:].zero_()   # padding; every parameter's range is written or zeroed
+
+    def communicates(self, sync: bool) -> bool:
+        return True
+
+    def launch(self, sh: _Shard) -> torch.Tensor:
+        b = sh.bucket
+        if b.buffer.device.type == "meta":      # no parameter of it got a gradient
+            self._acquire(b)
+        arrived = b.state["arrived"]
+        if len(arrived) < len(b.params):        # unused parameters: zero their ranges
+            for p, o in zip(b.params, b.offsets):
+                if id(p) not in arrived:
+                    b.buffer[o:o + p.numel()].zero_()
+        if sh.fresh and not self.zs.offload:
+            return sh.grad
+        return torch.empty(sh.shard_numel, dtype=self.zs.param_dtype, device=self.zs.device)
+
+    def landed(self, sh: _Shard, out: torch.Tensor) -> None:
+        b = sh.bucket
+        self.pool.give(b.state.pop("base"))
+        b.buffer = torch.empty(b.padded_numel, dtype=self.zs.param_dtype, device=_META)
+
+    def keep(self, sh: _Shard, out: torch.Tensor) -> None:
+        if out is not sh.grad:
+            sh.grad.add_(out)
+
+    def backward_done(self, sync: bool) -> None:
+        if sync:
+            self.pool.clear()
+
+    def zero_grad(self) -> None:
+        pass    # the next delivery overwrites a fresh shard
+
+    def reduce_accumulated(self) -> None:
+        raise RuntimeError("reduce_accumulated needs ZeRO stage 1 (stage 2 keeps no local gradients)")
+
+    def close(self) -> None:
+        remove_hooks(self._handles)
+
+
+class ZeroStrategy:
+    """ZeRO stage 1 or 2 for ``model`` over ``mesh.dp`` (a ``GradStrategy``).
+
+    ``optimizer_factory`` builds the optimizer over this rank's flat fp32 shard pieces (decay /
+    no-decay groups). ``offload`` is "none" or "cpu" (fp32 master and optimizer states in host
+    memory, the update on the CPU). ``bucket_mb`` is the size of a gradient bucket in the
+    parameter dtype.
     """
 
     MAX_IN_FLIGHT = 2   # reduce-scatters left running while backward goes on
 
-    def __init__(self, model: nn.Module, mesh: Mesh, *, stage: int, bucket_mb: float = 25.0,
-                 precision: PrecisionPolicy, offload: str | None = "none", offload_dir=None):
+    def __init__(self, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *, stage: int,
+                 bucket_mb: float = 25.0, precision: PrecisionPolicy, offload: str | None = "none",
+                 offload_dir=None):
         if stage not in (1, 2):
             raise ValueError(f"ZeroStrategy implements stages 1 and 2, not {stage}")
         offload = offload or "none"
@@ -159,37 +286,26 @@ class ZeroStrategy:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
-        self._names = {id(p): n for n, p in trainable}
-        decay = {id(p): decays(n, p) for n, p in trainable}
+        names = {id(p): n for n, p in trainable}
         # Buckets are planned walking the list backwards, so putting the non-decaying parameters
         # first makes every bucket hold its decaying parameters before its non-decaying ones.
-        ordered = [p for _, p in trainable if not decay[id(p)]] + [p for _, p in trainable if decay[id(p)]]
+        ordered = [p for n, p in trainable if not decays(n, p)] + [p for n, p in trainable if decays(n, p)]
         self._broadcast_untracked()
 
+        policy_cls = _Stage1Reduce if stage == 1 else _Stage2Reduce
         lp_size = torch.empty((), dtype=self.param_dtype).element_size()
         bucket_bytes = max(1, int(bucket_mb * 2**20 * ordered[0].element_size() / lp_size))
-        # Stage 2 has no resident gradient buffers: meta placeholders until a bucket is in flight.
         self.buckets = GradBuckets(ordered, bucket_bytes, align=n_ranks, dtype=self.param_dtype,
-                                   device=_META if stage == 2 else self.device)
+                                   device=policy_cls.bucket_device or self.device)
         sizes = [b.padded_numel // n_ranks for b in self.buckets.buckets]
         self.shard_numel = total = sum(sizes)
+        self.policy = policy_cls(self)
         keeps_master = self.offload or self.param_dtype != torch.float32
-        self._direct = not keeps_master   # fp32 on the device: optimizer steps the parameters
-        # Stage 1 divides by N after the reduce-scatter (on its shard only), except with fp16,
-        # whose sum could overflow; stage 2 divides while copying gradients into the bucket.
-        self._prescale = self.param_dtype == torch.float16 and n_ranks > 1
-        self._host_master = self._host_grad = None
-        self._master = self._grad_flat = None
-        if self.offload:
-            self._host_master = HostBuffer(total, torch.float32, pin=self._cuda)
-            self._host_grad = HostBuffer(total, self.param_dtype, pin=self._cuda)
-        elif keeps_master:
-            self._master = torch.empty(total, dtype=torch.float32, device=self.device)
-        if stage == 2 and not self.offload:
-            self._grad_flat = torch.zeros(total, dtype=self.param_dtype, device=self.device)
+        self._host = HostShard(total, self.param_dtype, pin=self._cuda) if self.offload else None
+        self._master = torch.empty(total, dtype=torch.float32, device=self.device) \
+            if keeps_master and not self.offload else None
 
         self.shards: list[_Shard] = []
-        self._slot: dict[int, tuple[Bucket, int]] = {}
         offset = 0
         with torch.no_grad():
             for b, s in zip(self.buckets.buckets, sizes):
@@ -200,42 +316,38 @@ class ZeroStrategy:
                 self.comm.broadcast(full, src=0)   # every rank starts from rank 0's weights
                 pflat = full if self.param_dtype == torch.float32 else full.to(self.param_dtype)
                 master = None
-                if self.offload:
-                    master = self._host_master.view(offset, s)
-                elif keeps_master:
+                if self._host is not None:
+                    master = self._host.master[offset:offset + s]
+                elif self._master is not None:
                     master = self._master[offset:offset + s]
                 if master is not None:
                     master.copy_(full[lo:hi])
                 for p, o in zip(b.params, b.offsets):
                     p.data = pflat[o:o + p.numel()].view_as(p)
-                    self._slot[id(p)] = (b, o)
-                if self.offload:
-                    grad = self._host_grad.view(offset, s)
-                elif stage == 1:
-                    grad = b.buffer[lo:hi]
-                else:
-                    grad = self._grad_flat[offset:offset + s]
-                self.shards.append(_Shard(b, lo, hi, offset, pflat, master, grad,
-                                          _runs(b, lo, hi, decay)))
+                grad = self._host.grad[offset:offset + s] if self._host is not None \
+                    else self.policy.grad_home(b, lo, hi, offset)
+                bnames = [names[id(p)] for p in b.params]
+                self.shards.append(_Shard(b.params, bnames, b.offsets, b.padded_numel, lo, hi, offset,
+                                          decay_pieces(b.params, bnames, b.offsets, b.padded_numel, lo, hi),
+                                          b, pflat, master, grad))
                 offset += s
                 del full
         self._shard_of = {sh.bucket.index: sh for sh in self.shards}
 
-        if stage == 1:
-            self.buckets.attach_grads()
-        else:
-            self._pool = _BufferPool(max(b.padded_numel for b in self.buckets.buckets),
-                                     self.param_dtype, self.device)
-            for p in self.buckets.params:   # registered first: runs before the bucket counter
-                p.register_post_accumulate_grad_hook(self._take_grad)
+        self.policy.install()
         self.buckets.register_hooks(self._on_ready)
         self._sync = True
         self._pending: list[tuple[_Shard, object, torch.Tensor]] = []
-        self._host: HostOptimizer | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
         self._chunks: list[list[_Shard]] = _chunk(self.shards, max(b.padded_numel for b in self.buckets.buckets))
         self._worker = Worker() if self.offload else None
         self._overlap: _Overlap | None = None
+        # Where a reduced shard goes, and how the optimizer runs: decided once, here.
+        self._deliver = self._to_host if self.offload else self.policy.keep
+        self._update = self._host_step if self.offload else self._device_step
+        self.optimizer = self._build_optimizer(optimizer_factory)
+        self._codec = StateCodec(self.shards, comm=self.comm, device=self.device,
+                                 frozen=[(n, p) for n, p in model.named_parameters() if not p.requires_grad],
+                                 order=[n for n, _ in model.named_parameters()])
 
     # -- set-up helpers ---------------------------------------------------------------------------
     def _broadcast_untracked(self) -> None:
@@ -247,25 +359,12 @@ class ZeroStrategy:
             for buf in self.model.buffers():
                 self.comm.broadcast(buf, src=0)
 
-    def build_optimizer(self, factory) -> torch.optim.Optimizer:
-        """``factory(groups)`` over this rank's flat fp32 shard Parameters (decay / no-decay)."""
-        decay_params, other = [], []
-        for sh in self.shards:
-            base = sh.master if sh.master is not None else sh.param_shard()
-            for run in sh.runs:
-                run.param = nn.Parameter(base[run.start:run.end])
-                (decay_params if run.decay else other).append(run.param)
-        groups = [g for g in ({"params": decay_params, "decay": True}, {"params": other, "decay": False})
-                  if g["params"]]
-        opt = factory(groups)
-        if self.offload:
-            runs = [(sh, run) for sh in self.shards for run in sh.runs]
-            self._host = HostOptimizer(opt, [r.param for _, r in runs],
-                                       [sh.offset + r.start for sh, r in runs], self.shard_numel,
-                                       pin=self._cuda)
-            opt = self._host.optimizer
-        self._optimizer = opt
-        return opt
+    def _build_optimizer(self, factory: OptimizerFactory) -> torch.optim.Optimizer:
+        """``factory(groups)`` over this rank's flat fp32 shard pieces (decay / no-decay)."""
+        if self._host is not None:
+            return self._host.build_optimizer(factory, self.shards)
+        pieces = attach_pieces(self.shards, lambda sh: sh.master if sh.master is not None else sh.param_shard())
+        return optimizer_over(factory, pieces)
 
     # -- backward -------------------------------------------------------------------------------
     def set_sync(self, sync: bool) -> None:
@@ -285,58 +384,16 @@ class ZeroStrategy:
         if not (self.offload and overlap):
             self._overlap = None
             return False
-        if self._host is None:
-            raise RuntimeError("build_optimizer must run before begin_step")
         self._overlap = _Overlap(float(lr))
-        for g in self._host.optimizer.param_groups:
+        for g in self.optimizer.param_groups:
             g["lr"] = float(lr)
         return True
 
-    def _take_grad(self, p: torch.Tensor) -> None:
-        """Stage 2: move a just-accumulated gradient into its bucket and drop ``param.grad``."""
-        b, o = self._slot[id(p)]
-        if b.buffer.device.type == "meta":
-            self._acquire(b)
-        # Divided on the way in (free: the copy happens anyway) so the sum is the average.
-        torch.div(p.grad, self.comm.size, out=b.buffer[o:o + p.numel()].view_as(p))
-        b.state["arrived"].add(id(p))
-        p.grad = None
-
-    def _acquire(self, b: Bucket) -> None:
-        base = self._pool.take()
-        b.state["base"] = base
-        b.state["arrived"] = set()
-        b.buffer = base[:b.padded_numel]
-        b.buffer[b.numel:].zero_()   # padding; every parameter's range is written or zeroed
-
-    def _zero_missing(self, b: Bucket) -> None:
-        """Zero the ranges of parameters that got no gradient in this backward (unused ones)."""
-        arrived = b.state["arrived"]
-        if len(arrived) < len(b.params):
-            for p, o in zip(b.params, b.offsets):
-                if id(p) not in arrived:
-                    b.buffer[o:o + p.numel()].zero_()
-
-    def _release(self, b: Bucket) -> None:
-        self._pool.give(b.state.pop("base"))
-        b.buffer = torch.empty(b.padded_numel, dtype=self.param_dtype, device=_META)
-
     def _on_ready(self, b: Bucket) -> None:
-        if self.stage == 1 and not self._sync:
+        if not self.policy.communicates(self._sync):
             return
         sh = self._shard_of[b.index]
-        if b.buffer.device.type == "meta":      # stage 2, no parameter of it got a gradient
-            self._acquire(b)
-        if self.stage == 2:
-            self._zero_missing(b)
-        if self.stage == 1 and self._prescale:
-            b.buffer.div_(self.comm.size)
-        if self.stage == 1:
-            out = b.buffer[sh.lo:sh.hi]         # in place: this rank's part of the buffer
-        elif sh.fresh and not self.offload:
-            out = sh.grad
-        else:
-            out = torch.empty(sh.numel, dtype=self.param_dtype, device=self.device)
+        out = self.policy.launch(sh)
         work = self.comm.reduce_scatter(out, b.buffer, async_op=True)
         self._pending.append((sh, work, out))
         self._drain(keep=self.MAX_IN_FLIGHT)
@@ -351,14 +408,8 @@ class ZeroStrategy:
             self._pending.pop(0)
             if work is not None:
                 work.wait()
-            if self.stage == 1 and not self._prescale and self.comm.size > 1:
-                out.div_(self.comm.size)          # the sum -> the average, on the shard only
-            if self.stage == 2:
-                self._release(sh.bucket)
-            if self.offload:
-                self._to_host(sh, out)
-            elif self.stage == 2 and out is not sh.grad:
-                sh.grad.add_(out)
+            self.policy.landed(sh, out)
+            self._deliver(sh, out)
             sh.fresh = False
 
     def _to_host(self, sh: _Shard, src: torch.Tensor) -> None:
@@ -377,27 +428,20 @@ class ZeroStrategy:
         if sh.event is not None:
             sh.event.synchronize()
         part = float(sh.grad.float().pow(2).sum())
-        params = [r.param for r in sh.runs]
-        grads = [sh.grad[r.start:r.end] for r in sh.runs]
-        self._host.step_(params, grads, grads, 1.0)
+        self._host.update([sh], 1.0)
         return part
 
     def reduce_accumulated(self) -> None:
         """Reduce-scatter every bucket now (stage 1): the gradients were accumulated with sync off,
         e.g. by a pipeline schedule that interleaves the micro-batches' backward passes."""
-        if self.stage != 1:
-            raise RuntimeError("reduce_accumulated needs ZeRO stage 1 (stage 2 keeps no local gradients)")
-        self.buckets.reset()
-        self._sync = True
-        self.after_backward()
+        self.policy.reduce_accumulated()
 
     def after_backward(self) -> None:
-        if self.stage == 2 or self._sync:
+        if self.policy.communicates(self._sync):
             self.buckets.flush()
             self._drain(keep=0)
         self.buckets.reset()
-        if self.stage == 2 and self._sync:
-            self._pool.clear()
+        self.policy.backward_done(self._sync)
 
     # -- gradients ------------------------------------------------------------------------------
     def grads(self) -> list[torch.Tensor]:
@@ -406,8 +450,8 @@ class ZeroStrategy:
             raise RuntimeError("the gradients were consumed by the overlapped update of this step")
         return [sh.grad for sh in self.shards]
 
-    def _wait_host(self) -> None:
-        for sh in self.shards:
+    def _wait_host(self, shards: list[_Shard]) -> None:
+        for sh in shards:
             if sh.event is not None:
                 sh.event.synchronize()
                 sh.event = None
@@ -422,34 +466,26 @@ class ZeroStrategy:
             self._overlap.partials += self._worker.wait_all()
             local = float(sum(self._overlap.partials))
         else:
-            self._wait_host()
-            acc = torch.zeros((), dtype=torch.float64, device=self.shards[0].grad.device)
-            for sh in self.shards:
-                for a, b in _kept_ranges(sh, skip):
-                    acc += sh.grad[a:b].float().pow(2).sum()
-            local = float(acc)
+            self._wait_host(self.shards)
+            local = local_sq_norm(self.shards, lambda sh: sh.grad, skip)
         return self.comm.all_reduce_scalar(local, device=self.device)
 
     def zero_grad(self) -> None:
         if self._overlap is not None and self._overlap.submitted:
             raise RuntimeError("a step whose update already ran during backward was skipped: "
                                "begin_step(overlap=True) requires grad_coef == 1 and no skipped step")
-        if self.stage == 1:
-            self.buckets.zero_()
+        self.policy.zero_grad()
         for sh in self.shards:
             sh.fresh = True
 
     # -- the update -----------------------------------------------------------------------------
-    def step(self, optimizer: torch.optim.Optimizer, lr: float, grad_coef: float) -> None:
+    def step(self, lr: float, grad_coef: float) -> None:
         """Scale the gradient shards by ``grad_coef``, update this rank's shards with ``lr``, and
         all-gather the updated parameters into every rank's model."""
-        for g in optimizer.param_groups:
+        for g in self.optimizer.param_groups:
             g["lr"] = lr
         works: list = []
-        if self.offload:
-            self._host_step(lr, grad_coef, works)
-        else:
-            self._device_step(optimizer, grad_coef, works)
+        self._update(lr, grad_coef, works)
         for w in works:
             if w is not None:
                 w.wait()
@@ -457,34 +493,13 @@ class ZeroStrategy:
     def _all_gather(self, sh: _Shard):
         return self.comm.all_gather(sh.pflat, sh.param_shard(), async_op=True)
 
-    def _device_step(self, optimizer, coef: float, works: list) -> None:
+    def _device_step(self, lr: float, coef: float, works: list) -> None:
         # Chunk by chunk (about one bucket's elements each): the all-gather of a chunk overlaps
         # the update of the next, and with low-precision gradients their fp32 copy exists for one
-        # chunk at a time. fp32 gradient shards are handed to the optimizer as they are.
+        # chunk at a time.
         for chunk in self._chunks:
-            if self._direct:
-                grads = [sh.grad for sh in chunk]
-                if coef != 1.0:
-                    for g in grads:
-                        g.mul_(coef)
-            else:
-                scratch = torch.empty(sum(sh.numel for sh in chunk), dtype=torch.float32, device=self.device)
-                grads, off = [], 0
-                for sh in chunk:
-                    grads.append(scratch[off:off + sh.numel])
-                    grads[-1].copy_(sh.grad)
-                    off += sh.numel
-                if coef != 1.0:
-                    scratch.mul_(coef)
-            for sh, g in zip(chunk, grads):
-                for run in sh.runs:
-                    run.param.grad = g[run.start:run.end]
-            try:
-                optimizer.step()   # steps only the parameters that have a gradient: this chunk's
-            finally:
-                for sh in chunk:
-                    for run in sh.runs:
-                        run.param.grad = None
+            torch_step(self.optimizer, [pc.param for sh in chunk for pc in sh.pieces],
+                       [sh.grad[pc.start:pc.end] for sh in chunk for pc in sh.pieces], coef)
             for sh in chunk:
                 if sh.master is not None:
                     sh.param_shard().copy_(sh.master)
@@ -492,155 +507,48 @@ class ZeroStrategy:
 
     def _host_step(self, lr: float, coef: float, works: list) -> None:
         ov, self._overlap = self._overlap, None
-        if ov is not None and ov.submitted:
+        overlapped = ov is not None and ov.submitted
+        if overlapped:
             if coef != 1.0 or lr != ov.lr:
                 raise RuntimeError(f"begin_step(lr={ov.lr}, overlap=True) promised grad_coef 1 and that lr; "
                                    f"step got grad_coef {coef} and lr {lr}")
             self._worker.wait_all()
-            for sh in self.shards:
-                sh.param_shard().copy_(sh.grad, non_blocking=self._cuda)
-                works.append(self._all_gather(sh))
-            return
         for sh in self.shards:
-            if sh.event is not None:
-                sh.event.synchronize()
-                sh.event = None
-            grads = [sh.grad[r.start:r.end] for r in sh.runs]
-            # The new low-precision values overwrite the consumed gradient and go back from there.
-            self._host.step_([r.param for r in sh.runs], grads, grads, coef)
+            if not overlapped:
+                self._wait_host([sh])
+                # The new low-precision values overwrite the consumed gradient and go back from there.
+                self._host.update([sh], coef)
             sh.param_shard().copy_(sh.grad, non_blocking=self._cuda)
             works.append(self._all_gather(sh))
 
     # -- full state for checkpoints ---------------------------------------------------------------
-    def _gather(self, local: torch.Tensor) -> torch.Tensor:
-        """Every rank's shard of one bucket (fp32) -> the whole bucket, on the CPU."""
-        local = local.to(device=self.device, dtype=torch.float32)
-        out = torch.empty(local.numel() * self.comm.size, dtype=torch.float32, device=self.device)
-        self.comm.all_gather(out, local)
-        return out.cpu()
+    def _master_of(self, sh: _Shard) -> torch.Tensor:
+        return sh.master if sh.master is not None else sh.pflat
 
-    def full_state(self, optimizer):
+    def _load_master(self, sh: _Shard, full: torch.Tensor) -> None:
+        sh.pflat.copy_(full.to(self.device))
+        if sh.master is not None:
+            sh.master.copy_(full[sh.lo:sh.hi])
+
+    def full_state(self):
         """(parameters by name, optimizer state by name): full, fp32, CPU. Collective over dp."""
-        params: dict[str, torch.Tensor] = {}
-        optim: dict[str, dict[str, torch.Tensor]] = {}
-        for sh in self.shards:
-            b = sh.bucket
-            full = self._gather(sh.master) if sh.master is not None else sh.pflat.detach().float().cpu()
-            for p, o in zip(b.params, b.offsets):
-                params[self._names[id(p)]] = full[o:o + p.numel()].view(p.shape).clone()
-            states = [optimizer.state.get(r.param, {}) for r in sh.runs]
-            if not states[0]:
-                continue
-            for key, v0 in states[0].items():
-                if torch.is_tensor(v0) and v0.dim() > 0:
-                    local = torch.cat([st[key].reshape(-1).to(self.device, torch.float32) for st in states])
-                    whole = self._gather(local)
-                    for p, o in zip(b.params, b.offsets):
-                        optim.setdefault(self._names[id(p)], {})[key] = whole[o:o + p.numel()].view(p.shape).clone()
-                else:
-                    value = v0.detach().to("cpu").clone() if torch.is_tensor(v0) else torch.tensor(float(v0))
-                    for p in b.params:
-                        optim.setdefault(self._names[id(p)], {})[key] = value.clone()
-        for n, p in self.model.named_parameters():
-            if not p.requires_grad:
-                params[n] = p.detach().to("cpu", torch.float32).clone()
-        return params, optim
+        return self._codec.export(self._master_of, TorchStates(self.optimizer))
 
-    def load_full_state(self, optimizer, params, optim) -> None:
+    def load_full_state(self, params, optim) -> None:
         """Take this rank's shards of a full state (as ``full_state`` returns; any layout saved it)."""
-        named = dict(self.model.named_parameters())
-        missing = sorted(set(named) - set(params))
-        if missing:
-            raise KeyError(f"checkpoint lacks parameters: {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        for n, p in named.items():
-            if tuple(params[n].shape) != tuple(p.shape):
-                raise ValueError(f"parameter {n}: checkpoint shape {tuple(params[n].shape)} != model {tuple(p.shape)}")
-        fused = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
-        with torch.no_grad():
-            for n, p in named.items():
-                if not p.requires_grad:
-                    p.copy_(params[n])
-            for sh in self.shards:
-                b = sh.bucket
-                full = torch.zeros(b.padded_numel, dtype=torch.float32)
-                for p, o in zip(b.params, b.offsets):
-                    full[o:o + p.numel()] = params[self._names[id(p)]].reshape(-1).float()
-                sh.pflat.copy_(full.to(self.device))
-                if sh.master is not None:
-                    sh.master.copy_(full[sh.lo:sh.hi])
-                if optim is None:
-                    continue
-                first = next((optim[self._names[id(p)]] for p in b.params if self._names[id(p)] in optim), None)
-                if first is None:
-                    continue
-                for key, v0 in first.items():
-                    per_element = torch.is_tensor(v0) and v0.dim() > 0
-                    if per_element:
-                        whole = torch.zeros(b.padded_numel, dtype=torch.float32)
-                        for p, o in zip(b.params, b.offsets):
-                            st = optim.get(self._names[id(p)], {})
-                            if key in st:
-                                whole[o:o + p.numel()] = st[key].reshape(-1).float()
-                    for r in sh.runs:
-                        st = optimizer.state.setdefault(r.param, {})
-                        if per_element:
-                            value = whole[sh.lo + r.start:sh.lo + r.end]
-                            if key in st and st[key].numel() == value.numel():
-                                st[key].copy_(value)    # keep preallocated (host) buffers
-                            else:
-                                st[key] = value.to(device=r.param.device, dtype=r.param.dtype).clone()
-                        else:
-                            value = torch.as_tensor(v0).to(torch.float32).reshape(()).clone()
-                            st[key] = value.to(r.param.device) if fused else value
+        self._codec.load(params, optim, self._load_master, TorchStates(self.optimizer))
 
     # -- accounting -------------------------------------------------------------------------------
     def host_tensors(self) -> list[torch.Tensor]:
         """The offloaded buffers (their storages count as host memory in ``memory.measure``)."""
-        out = []
-        for buf in (self._host_master, self._host_grad, self._host.state_buffer if self._host else None):
-            if buf is not None:
-                out.append(buf.tensor)
-        return out
+        return self._host.tensors() if self._host is not None else []
 
     def close(self) -> None:
-        """Stop the offload worker thread (also stopped at interpreter exit)."""
+        """Stop the offload worker thread (also stopped at interpreter exit) and remove the hooks."""
         if self._worker is not None:
             self._worker.shutdown()
-
-
-def _runs(b: Bucket, lo: int, hi: int, decay: dict[int, bool]) -> list[_Run]:
-    """The decay / no-decay parts of [lo, hi) inside bucket ``b`` (decaying parameters first).
-
-    Padding at the end of the bucket joins the last part; it stays zero either way."""
-    decay_ends = [o + p.numel() for p, o in zip(b.params, b.offsets) if decay[id(p)]]
-    other_starts = [o for p, o in zip(b.params, b.offsets) if not decay[id(p)]]
-    split = min(other_starts) if other_starts else b.padded_numel
-    if decay_ends and max(decay_ends) > split:
-        raise AssertionError("bucket does not hold its decaying parameters first")
-    runs = []
-    if lo < min(hi, split):
-        runs.append(_Run(0, min(hi, split) - lo, True))
-    if max(lo, split) < hi:
-        runs.append(_Run(max(lo, split) - lo, hi - lo, False))
-    return runs
-
-
-def _kept_ranges(sh: _Shard, skip: set[int]) -> list[tuple[int, int]]:
-    """Ranges of the shard (shard-relative) that do not belong to a skipped parameter."""
-    if not skip:
-        return [(0, sh.numel)]
-    out, pos = [], 0
-    for p, o in zip(sh.bucket.params, sh.bucket.offsets):
-        if id(p) not in skip:
-            continue
-        a, b = max(o, sh.lo) - sh.lo, min(o + p.numel(), sh.hi) - sh.lo
-        if a < b:
-            if pos < a:
-                out.append((pos, a))
-            pos = b
-    if pos < sh.numel:
-        out.append((pos, sh.numel))
-    return out
+        self.buckets.remove_hooks()
+        self.policy.close()
 
 
 def _chunk(shards: list[_Shard], limit: int) -> list[list[_Shard]]:
@@ -650,11 +558,11 @@ def _chunk(shards: list[_Shard], limit: int) -> list[list[_Shard]]:
     cur: list[_Shard] = []
     size = 0
     for sh in shards:
-        if cur and size + sh.numel > limit:
+        if cur and size + sh.shard_numel > limit:
             chunks.append(cur)
             cur, size = [], 0
         cur.append(sh)
-        size += sh.numel
+        size += sh.shard_numel
     if cur:
         chunks.append(cur)
     return chunks

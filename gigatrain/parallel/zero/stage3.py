@@ -54,10 +54,9 @@ from autograd hooks.
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -66,10 +65,14 @@ from ...distributed.comm import Comm
 from ...distributed.mesh import Mesh
 from ...optim import decays
 from ...precision import PrecisionPolicy
+from .buckets import flat_layout, remove_hooks
 from .nvme import NVMeOptimizer, OptimizerSpec
-from .offload import HostBuffer
+from .offload import HostBuffer, HostShard
+from .shards import (FlatFileStates, Segment, StateCodec, TorchStates, attach_pieces, decay_pieces, local_sq_norm,
+                     optimizer_over, torch_step)
 
-OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
+if TYPE_CHECKING:
+    from ..strategy import OptimizerFactory
 
 _FREE, _GATHERING, _FULL = "free", "gathering", "full"
 
@@ -123,19 +126,12 @@ def _tensors(obj) -> Iterable[torch.Tensor]:
 
 
 @dataclass
-class _Unit:
-    """One unit's flat layout and its gather state."""
+class _Unit(Segment):
+    """One unit's flat layout (decaying parameters first) and its gather state."""
 
     index: int
     name: str
-    params: list[nn.Parameter]          # decaying parameters first, then the others
-    names: list[str]
-    offsets: list[int]
-    numel: int
-    decay_numel: int
-    padded: int
-    shard_numel: int
-    shard_offset: int = 0               # where this unit's shard starts in the rank's flat shard
+    numel: int                          # elements of the parameters, without the padding
     full: torch.Tensor | None = None    # flat gathered buffer; storage resized to 0 when released
     views: list[torch.Tensor] = field(default_factory=list)
     state: str = _FREE
@@ -144,71 +140,22 @@ class _Unit:
     reduced: bool = False               # reduce-scattered in the current backward
     bwd_gathered: bool = False          # gathered for the current backward
 
-    @property
-    def shard(self) -> slice:
-        return slice(self.shard_offset, self.shard_offset + self.shard_numel)
-
-
-@dataclass
-class _Piece:
-    """A contiguous part of the rank's shard inside one decay group (one optimizer tensor)."""
-
-    start: int
-    numel: int
-    decay: bool
-
-
-class _HostAdamW:
-    """AdamW in host memory for ``offload="cpu"``: the fp32 master shard and both moments are flat
-    host arrays, updated by the one-pass CPU kernel (``gigatrain.optim.cpu_adam.adamw_step_``),
-    which reads the gradient shard in the training dtype and writes the updated weights, in that
-    dtype, over the gradients it has just read; those are then copied to the device shard. Host
-    memory: 4 + 8 + 2 bytes per shard element (master, moments, low-precision gradients)."""
-
-    def __init__(self, master: torch.Tensor, spec: OptimizerSpec, segments):
-        self.spec = spec
-        self.state_keys = spec.state_keys
-        self.param_groups = [{"lr": g.lr, "weight_decay": g.weight_decay} for g in spec.groups]
-        self.steps = 0
-        self.master = master
-        self.states = {k: torch.zeros_like(master) for k in self.state_keys}
-        self.segments = segments
-
-    def read(self, key: str) -> torch.Tensor:
-        return self.master if key == "master" else self.states[key]
-
-    def write(self, key: str, values: torch.Tensor) -> None:
-        self.read(key).copy_(values.reshape(-1))
-
-    @torch.no_grad()
-    def step(self, grads: torch.Tensor, params_out: torch.Tensor, *, grad_coef: float = 1.0) -> None:
-        """Update from ``grads`` (the host gradient shard; overwritten in low precision) and write
-        the new weights to ``params_out`` (the device shard)."""
-        from ...optim.cpu_adam import adamw_step_
-
-        self.steps += 1
-        lowp = grads.dtype != torch.float32
-        for a, b, grp in self.segments:
-            h, lr = self.spec.groups[grp], float(self.param_groups[grp]["lr"])
-            wd = float(self.param_groups[grp].get("weight_decay", h.weight_decay))
-            adamw_step_(self.master, grads, self.states["exp_avg"], self.states["exp_avg_sq"],
-                        self.steps, lr, h.betas[0], h.betas[1], h.eps, wd, clip_coef=grad_coef,
-                        out_lowp=grads if lowp else None, start=a, end=b)
-            params_out[a:b].copy_(grads[a:b] if lowp else self.master[a:b])
 
 
 class Stage3Strategy:
-    """ZeRO stage 3 over ``mesh.dp`` (see the module docstring).
+    """ZeRO stage 3 over ``mesh.dp`` (see the module docstring); a ``GradStrategy``.
 
     Args:
         model: any ``nn.Module``; its parameters are replaced by sharded storage in place.
         mesh: the device mesh; parameters are sharded over its ``dp`` axis.
+        optimizer_factory: builds the optimizer over this rank's flat fp32 shard pieces (decay /
+            no-decay groups); with ``offload="nvme"`` only its rule and hyper-parameters are used.
         bucket_mb: bytes of full-size gradients allowed to wait in reduce-scatters in flight
             (at least one unit's worth always may).
         precision: fp32 keeps fp32 parameters and no separate master; bf16/fp16 keep the
             parameters and gradients in that dtype and an fp32 master shard.
-        offload: "none", "cpu" (gradient shard, master and optimizer states in host memory;
-            AdamW runs on the CPU kernel, other optimizers as torch optimizers on the host) or
+        offload: "none", "cpu" (gradient shard, master and optimizer states in host memory, the
+            update on the CPU: ``offload.HostShard``, as for stages 1 and 2) or
             "nvme" (master + states in files under ``offload_dir``; AdamW, Adam or SGD).
         offload_dir: folder for ``offload="nvme"``.
         units: the modules to treat as units (default: ``default_units(model)``).
@@ -218,8 +165,8 @@ class Stage3Strategy:
 
     stage = 3
 
-    def __init__(self, model: nn.Module, mesh: Mesh, *, bucket_mb: float = 25.0,
-                 precision: PrecisionPolicy, offload: str = "none", offload_dir=None,
+    def __init__(self, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *,
+                 bucket_mb: float = 25.0, precision: PrecisionPolicy, offload: str = "none", offload_dir=None,
                  units: Sequence[nn.Module] | None = None, prefetch: bool = True,
                  offload_chunk_mb: float = 32.0):
         if offload not in ("none", "cpu", "nvme"):
@@ -246,21 +193,24 @@ class Stage3Strategy:
         self._fwd_cursor = -1
         self._bwd_cursor = -1
         self._in_forward = False
-        self._offload_opt = None
         self._handles: list = []
-        self._optimizer = None
+        self._host: HostShard | None = None
         self._host_grad: HostBuffer | None = None
         self._nan = torch.full((), float("nan"), dtype=self.dtype, device=self.device)
 
         self._build_units(units if units is not None else default_units(model))
         self._init_shards()
         self._register_hooks()
-        self.optimizer_kind = "torch"            # or "flat" (host AdamW / NVMe), set by build_optimizer
-        self._opt_params: list[nn.Parameter] = []
+        self.optimizer = self._build_optimizer(optimizer_factory)
+        # How the shard is updated: decided once, here.
+        self._update = {"none": self._device_step, "cpu": self._host_step, "nvme": self._nvme_step}[offload]
+        self._states = FlatFileStates(self.optimizer) if offload == "nvme" else TorchStates(self.optimizer)
+        self._codec = StateCodec(self.units, comm=self.comm, device=self.device, frozen=self.frozen,
+                                 order=[n for n, _ in model.named_parameters()])
 
     # -- layout -----------------------------------------------------------------------------------
     def _build_units(self, modules: Sequence[nn.Module]) -> None:
-        N = self.comm.size
+        N, r = self.comm.size, self.comm.rank
         first_name: dict[int, str] = {}
         for name, p in self.model.named_parameters():
             first_name.setdefault(id(p), name)
@@ -289,14 +239,11 @@ class Stage3Strategy:
             order = sorted(range(len(params)), key=lambda k: not decays(names[k], params[k]))
             params = [params[k] for k in order]
             names = [names[k] for k in order]
-            offsets, pos, dec = [], 0, 0
-            for n, p in zip(names, params):
-                offsets.append(pos)
-                pos += p.numel()
-                if decays(n, p):
-                    dec = pos
-            padded = max(1, math.ceil(pos / N)) * N
-            return _Unit(idx, name, params, names, offsets, pos, dec, padded, padded // N)
+            offsets, pos, padded = flat_layout(params, N)
+            padded = max(padded, N)     # every rank owns at least one element of every unit
+            lo, hi = r * padded // N, (r + 1) * padded // N
+            return _Unit(params, names, offsets, padded, lo, hi, 0,
+                         decay_pieces(params, names, offsets, padded, lo, hi), idx, name, pos)
 
         self.blocks = [make(j, module_name.get(id(m), f"unit{j}"), ps) for j, (m, ps) in enumerate(kept)]
         self._modules = [m for m, _ in kept]
@@ -304,35 +251,37 @@ class Stage3Strategy:
         self.units = self.blocks + ([self.root] if self.root else [])
         off = 0
         for u in self.units:
-            u.shard_offset = off
+            u.offset = off
             off += u.shard_numel
         self.shard_numel = off
         self.numel = sum(u.numel for u in self.units)
 
     def _init_shards(self) -> None:
         """Take rank 0's initial weights, keep this rank's shard, release the full parameters."""
-        N, r = self.comm.size, self.comm.rank
         dev, dt = self.device, self.dtype
-        host = torch.device("cpu")
+        pin = self.device.type == "cuda"
         self.shard = torch.empty(self.shard_numel, dtype=dt, device=dev)
         if self.offload == "none":
             self.grad = torch.zeros(self.shard_numel, dtype=dt, device=dev)
             # fp32: the shard is the master; otherwise an fp32 master next to it.
             self.master = self.shard if dt == torch.float32 else \
                 torch.empty(self.shard_numel, dtype=torch.float32, device=dev)
+        elif self.offload == "cpu":
+            # Gradients go to the host as their reduce-scatters finish.
+            self._host = HostShard(self.shard_numel, dt, pin=pin)
+            self.grad, self.master = self._host.grad, self._host.master
         else:
-            # Offload: gradients go to the host as their reduce-scatters finish (one page-locked
-            # buffer when there is a GPU); the master is only read by the host update, unpinned.
-            self._host_grad = HostBuffer(self.shard_numel, dt, pin=self.device.type == "cuda")
+            # The master only passes through the host on its way into the NVMe files.
+            self._host_grad = HostBuffer(self.shard_numel, dt, pin=pin)
             self.grad = self._host_grad.tensor
-            self.master = torch.empty(self.shard_numel, dtype=torch.float32, device=host)
+            self.master = torch.empty(self.shard_numel, dtype=torch.float32)
         with torch.no_grad():
             for u in self.units:
                 flat = torch.zeros(u.padded, dtype=torch.float32, device=dev)
                 for p, o in zip(u.params, u.offsets):
                     flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
                 self.comm.broadcast(flat, src=0)
-                mine = flat[r * u.shard_numel:(r + 1) * u.shard_numel]
+                mine = flat[u.lo:u.hi]
                 self.master[u.shard].copy_(mine)
                 if self.shard is not self.master:
                     self.shard[u.shard].copy_(mine)
@@ -345,14 +294,6 @@ class Stage3Strategy:
                 self.comm.broadcast(p.data, src=0)
             for b in self.model.buffers():
                 self.comm.broadcast(b.data, src=0)
-        # This rank's pieces of each unit's decay / no-decay ranges: one optimizer tensor each.
-        self.pieces: list[_Piece] = []
-        for u in self.units:
-            lo, hi = r * u.shard_numel, (r + 1) * u.shard_numel
-            for a, b, decay in ((lo, min(hi, u.decay_numel), True),
-                                (max(lo, u.decay_numel), min(hi, u.numel), False)):
-                if b > a:
-                    self.pieces.append(_Piece(u.shard_offset + a - lo, b - a, decay))
 
     def _placeholder(self, p: torch.Tensor) -> torch.Tensor:
         return self._nan.expand(p.shape)
@@ -412,9 +353,7 @@ class Stage3Strategy:
                 h.append(p.register_post_accumulate_grad_hook(_weak(self._on_grad, u)))
 
     def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        remove_hooks(self._handles)
 
     def _root_pre_forward(self, module, args) -> None:
         if _in_backward():                  # recomputation inside backward
@@ -535,6 +474,10 @@ class Stage3Strategy:
         """Recorded only: stage 3 reduce-scatters every micro-step (see the module docstring)."""
         self._sync = sync
 
+    def begin_step(self, lr: float, *, overlap: bool = False) -> bool:
+        """Nothing to prepare: the update never runs during backward here."""
+        return False
+
     def after_backward(self) -> None:
         # Units whose gradients did not all arrive (unused parameters) are reduced now, in a
         # fixed order so every rank issues the same collectives.
@@ -550,11 +493,20 @@ class Stage3Strategy:
             u.ready.clear()
         self._bwd_cursor = -1
 
+    def reduce_accumulated(self) -> None:
+        raise RuntimeError("reduce_accumulated needs ZeRO stage 1 (stage 3 keeps no local gradients)")
+
     def grads(self) -> list[torch.Tensor]:
         return [self.grad]
 
-    def grad_sq_norm(self) -> float:
-        local = float(self.grad.float().pow(2).sum())
+    def grad_sq_norm(self, exclude=()) -> float:
+        """Squared L2 norm of the full averaged gradient (shards summed over the dp group),
+        leaving out the parameters in ``exclude``."""
+        skip = {id(p) for p in exclude}
+        if skip:
+            local = local_sq_norm(self.units, lambda u: self.grad[u.shard], skip)
+        else:
+            local = float(self.grad.float().pow(2).sum())
         if self.comm.size > 1:
             return self.comm.all_reduce_scalar(local, device=self.device)
         return local
@@ -563,191 +515,86 @@ class Stage3Strategy:
         self.grad.zero_()
 
     # -- optimizer --------------------------------------------------------------------------------
-    def _segments(self) -> list[tuple[int, int, int]]:
-        return [(pc.start, pc.start + pc.numel, 0 if pc.decay else 1) for pc in self.pieces]
-
-    def build_optimizer(self, factory: OptimizerFactory):
+    def _build_optimizer(self, factory: OptimizerFactory):
         """The optimizer over this rank's shard.
 
         offload none: ``factory`` over fp32 views of the master shard (one per unit and decay
-        group). cpu: AdamW runs on host flat arrays with the CPU kernel; any other optimizer
-        is built by ``factory`` over host views. nvme: an ``NVMeOptimizer`` with the factory's
-        rule and hyper-parameters.
+        group). cpu: the same over host views, stepped by ``offload.HostShard`` (AdamW on the CPU
+        kernel). nvme: an ``NVMeOptimizer`` with the factory's rule and hyper-parameters.
         """
         if self.offload == "nvme":
-            spec = OptimizerSpec.from_factory(factory)
-            opt = NVMeOptimizer(self.shard_numel, spec, self.offload_dir, segments=self._segments(),
-                                chunk_mb=self.offload_chunk_mb, pin_memory=self.device.type == "cuda",
-                                name=f"rank{self.mesh.rank}")
+            segments = [(u.offset + pc.start, u.offset + pc.end, 0 if pc.decay else 1)
+                        for u in self.units for pc in u.pieces]
+            opt = NVMeOptimizer(self.shard_numel, OptimizerSpec.from_factory(factory), self.offload_dir,
+                                segments=segments, chunk_mb=self.offload_chunk_mb,
+                                pin_memory=self.device.type == "cuda", name=f"rank{self.mesh.rank}")
             opt.write("master", self.master)
             self.master = None                 # it lives in the file now
-            self.optimizer_kind = "flat"
-            self._offload_opt = self._optimizer = opt
             return opt
-        if self.offload == "cpu":
-            probe = factory([{"params": [nn.Parameter(torch.zeros(1))], "decay": True},
-                             {"params": [nn.Parameter(torch.zeros(1))], "decay": False}])
-            if type(probe) is torch.optim.AdamW and not probe.defaults.get("amsgrad") \
-                    and not probe.defaults.get("maximize"):
-                self.optimizer_kind = "flat"
-                self._optimizer = _HostAdamW(self.master, OptimizerSpec.from_optimizer(probe),
-                                             self._segments())
-                return self._optimizer
-        self.optimizer_kind = "torch"
-        self._opt_params = [nn.Parameter(self.master[pc.start:pc.start + pc.numel]) for pc in self.pieces]
-        groups = [{"params": [q for q, pc in zip(self._opt_params, self.pieces) if pc.decay == d], "decay": d}
-                  for d in (True, False)]
-        groups = [g for g in groups if g["params"]] or [
-            {"params": [nn.Parameter(torch.zeros(0, device=self.master.device))], "decay": False}]
-        self._optimizer = factory(groups)
-        return self._optimizer
+        if self._host is not None:
+            return self._host.build_optimizer(factory, self.units)
+        return optimizer_over(factory, attach_pieces(self.units, lambda u: self.master[u.shard]))
 
     @torch.no_grad()
-    def step(self, optimizer, lr: float, grad_coef: float) -> None:
-        for g in optimizer.param_groups:
+    def step(self, lr: float, grad_coef: float) -> None:
+        for g in self.optimizer.param_groups:
             g["lr"] = lr
-        if self.optimizer_kind == "flat":
-            optimizer.step(self.grad, self.shard, grad_coef=grad_coef)
-            return
-        g = self.grad                          # on the host already with offload
-        if g.dtype != torch.float32:
-            g = g.float()
-        if grad_coef != 1.0:
-            g.mul_(grad_coef)                  # in place is fine: zero_grad follows the step
-        for q, pc in zip(self._opt_params, self.pieces):
-            q.grad = g[pc.start:pc.start + pc.numel]
-        optimizer.step()
-        for q in self._opt_params:
-            q.grad = None
+        self._update(grad_coef)
+
+    def _device_step(self, coef: float) -> None:
+        torch_step(self.optimizer, [pc.param for u in self.units for pc in u.pieces],
+                   [self.grad[u.shard][pc.start:pc.end] for u in self.units for pc in u.pieces], coef)
         if self.shard is not self.master:
             self.shard.copy_(self.master)
 
-    # -- checkpoints ------------------------------------------------------------------------------
-    def _flat_states(self, optimizer) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
-        """(fp32 master shard, per-element state shards, scalar states) of this rank."""
-        if self.optimizer_kind == "flat":
-            master = optimizer.read("master")
-            states = {k: optimizer.read(k) for k in optimizer.state_keys} if optimizer.steps else {}
-            scalars = {"step": float(optimizer.steps)} \
-                if optimizer.steps and optimizer.spec.kind in ("adamw", "adam") else {}
-            return master, states, scalars
-        states: dict[str, torch.Tensor] = {}
-        scalars: dict[str, float] = {}
-        for q, pc in zip(self._opt_params, self.pieces):
-            for k, v in optimizer.state.get(q, {}).items():
-                if not torch.is_tensor(v) or v.shape != q.shape or k == "step":
-                    scalars[k] = float(v)
-                    continue
-                if k not in states:
-                    states[k] = torch.zeros(self.shard_numel, dtype=torch.float32, device=self.master.device)
-                states[k][pc.start:pc.start + pc.numel].copy_(v.reshape(-1))
-        return self.master, states, scalars
+    def _host_step(self, coef: float) -> None:
+        self._host.update(self.units, coef)    # leaves the new parameters in the gradient buffer
+        self.shard.copy_(self.grad)
 
-    def _gather_unit(self, u: _Unit, shard_flat: torch.Tensor) -> torch.Tensor:
-        full = torch.empty(u.padded, dtype=torch.float32, device=self.device)
-        self.comm.all_gather(full, shard_flat[u.shard].to(self.device, torch.float32))
-        return full.cpu()
+    def _nvme_step(self, coef: float) -> None:
+        self.optimizer.step(self.grad, self.shard, grad_coef=coef)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _master_of(self, u: _Unit) -> torch.Tensor:
+        if self.master is None:
+            return self.optimizer.read("master", u.offset, u.shard_numel)
+        return self.master[u.shard]
+
+    def _load_master(self, u: _Unit, full: torch.Tensor) -> None:
+        mine = full[u.lo:u.hi]
+        self.shard[u.shard].copy_(mine)
+        if self.master is None:
+            self.optimizer.write("master", mine, u.offset)
+        elif self.master is not self.shard:
+            self.master[u.shard].copy_(mine)
 
     @torch.no_grad()
-    def full_state(self, optimizer):
+    def full_state(self):
         """(parameters by name, optimizer state by name): full, fp32, on the CPU, on every rank,
         keyed like ``model.named_parameters()`` so any stage / world size can load them.
         Collective: every rank of the dp group must call it."""
-        master, states, scalars = self._flat_states(optimizer)
-        params: dict[str, torch.Tensor] = {}
-        optim: dict[str, dict[str, torch.Tensor]] = {}
-        for u in self.units:
-            full = self._gather_unit(u, master)
-            gathered = {k: self._gather_unit(u, s) for k, s in sorted(states.items())}
-            for p, n, o in zip(u.params, u.names, u.offsets):
-                params[n] = full[o:o + p.numel()].view(p.shape).clone()
-                if gathered or scalars:
-                    st = {k: torch.tensor(v, dtype=torch.float32) for k, v in scalars.items()}
-                    st.update({k: f[o:o + p.numel()].view(p.shape).clone() for k, f in gathered.items()})
-                    optim[n] = st
-        for n, p in self.frozen:
-            params[n] = p.detach().to("cpu", torch.float32).clone()
-        order = [n for n, _ in self.model.named_parameters()]
-        return {n: params[n] for n in order if n in params}, optim
+        return self._codec.export(self._master_of, self._states)
 
     @torch.no_grad()
-    def load_full_state(self, optimizer, params: dict[str, torch.Tensor], optim) -> None:
+    def load_full_state(self, params: dict[str, torch.Tensor], optim) -> None:
         """Load full (unsharded) state saved by any stage / world size: each rank slices its shard."""
-        r = self.comm.rank
-        missing = [n for u in self.units for n in u.names if n not in params]
-        missing += [n for n, _ in self.frozen if n not in params]
-        if missing:
-            raise KeyError(f"checkpoint lacks parameters: {missing[:5]}{'...' if len(missing) > 5 else ''}")
-
-        def shard_of(get) -> torch.Tensor:
-            flat = torch.zeros(self.shard_numel, dtype=torch.float32)
-            for u in self.units:
-                full = torch.zeros(u.padded, dtype=torch.float32)
-                for p, n, o in zip(u.params, u.names, u.offsets):
-                    src = get(n)
-                    if src is None:
-                        continue
-                    if tuple(src.shape) != tuple(p.shape):
-                        raise ValueError(f"parameter {n}: checkpoint shape {tuple(src.shape)} != "
-                                         f"model {tuple(p.shape)}")
-                    full[o:o + p.numel()] = src.reshape(-1).float()
-                flat[u.shard] = full[r * u.shard_numel:(r + 1) * u.shard_numel]
-            return flat
-
-        master = shard_of(params.get)
-        for n, p in self.frozen:
-            p.data.copy_(params[n].to(p.dtype))
-        self.shard.copy_(master)
-        states, step = {}, None
-        if optim:
-            keys = sorted({k for n in (x for u in self.units for x in u.names) if n in optim for k in optim[n]})
-            for k in keys:
-                if k == "step":
-                    step = next(float(optim[n][k]) for u in self.units for n in u.names
-                                if n in optim and k in optim[n])
-                else:
-                    states[k] = shard_of(lambda n, k=k: optim.get(n, {}).get(k))
-        steps = int(step) if step is not None else (1 if states else 0)
-        if self.optimizer_kind == "flat":
-            optimizer.write("master", master)
-            for k in optimizer.state_keys:
-                optimizer.write(k, states[k] if k in states else torch.zeros(self.shard_numel))
-            optimizer.steps = steps
-            return
-        self.master.copy_(master)
-        for q, pc in zip(self._opt_params, self.pieces):
-            optimizer.state.pop(q, None)
-            if not states and step is None:
-                continue
-            st = {k: v[pc.start:pc.start + pc.numel].to(q.device).clone() for k, v in states.items()}
-            if step is not None:
-                st["step"] = torch.tensor(step, dtype=torch.float32)
-                if optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"):
-                    st["step"] = st["step"].to(q.device)
-            optimizer.state[q] = st
+        self._codec.load(params, optim, self._load_master, self._states)
 
     # -- introspection ----------------------------------------------------------------------------
     def host_tensors(self) -> list[torch.Tensor]:
         """The tensors kept in host memory for offload (``memory.measure_model_state_bytes``
         counts their storages as host memory): gradient shard, master, optimizer states and the
         NVMe staging buffers. Empty without offload."""
-        if self.offload == "none":
-            return []
-        out = [self.grad]
-        if self.master is not None:
-            out.append(self.master)
-        opt = self._optimizer
-        if isinstance(opt, _HostAdamW):
-            out += list(opt.states.values())
-        elif isinstance(opt, NVMeOptimizer):
-            out += [b for slot in opt._slots for b in slot] + [opt._grad_buf]
-        elif opt is not None:
-            out += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
-        return out
+        if self._host is not None:
+            return self._host.tensors()
+        if self.offload == "nvme":
+            opt = self.optimizer
+            return [self.grad] + [b for slot in opt._slots for b in slot] + [opt._grad_buf]
+        return []
 
     def close(self) -> None:
         """Remove the hooks and the NVMe files (the files also go when the optimizer is garbage
         collected or the interpreter exits)."""
         self.remove_hooks()
-        if self._offload_opt is not None:
-            self._offload_opt.close()
+        if self.offload == "nvme":
+            self.optimizer.close()

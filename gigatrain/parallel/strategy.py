@@ -1,0 +1,153 @@
+"""The gradient-strategy contract: what the engine may ask of data parallel and every ZeRO stage.
+
+A gradient strategy decides, once at construction, how the gradients of the parameters it is
+given are reduced over the data-parallel group, where they and the optimizer states live, and
+how the parameters are updated. It owns its optimizer. The engine drives every strategy through
+``GradStrategy`` alone; nothing is probed.
+
+One optimizer step, as the engine runs it::
+
+    begin_step(lr, overlap=...)                  before the first micro-step's backward
+    for each micro-step:
+        set_sync(last micro-step?)
+        forward, backward
+        after_backward()
+    (or, under a pipeline schedule: set_sync(False), the whole schedule, reduce_accumulated())
+    grads()                                      fp16 overflow check
+    grad_sq_norm(exclude=...)                    global norm, clipping coefficient
+    step(lr, grad_coef)  or, for a skipped step, nothing
+    zero_grad()
+
+``build_grad_strategy`` picks the implementation: ``data_parallel.Stage0Strategy`` (stage 0),
+``zero.stage12.ZeroStrategy`` (stages 1, 2) or ``zero.stage3.Stage3Strategy`` (stage 3).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+if TYPE_CHECKING:
+    from ..distributed.mesh import Mesh
+    from ..precision import PrecisionPolicy
+
+OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
+"""Builds the optimizer over parameter groups ``{"params": [...], "decay": bool}`` (see
+``gigatrain.optim.param_groups``); sharded strategies pass their flat fp32 shard pieces."""
+
+FullState = tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]
+
+
+@runtime_checkable
+class GradStrategy(Protocol):
+    """How gradients are reduced and parameters updated for one data-parallel group.
+
+    ``optimizer`` is the strategy's own optimizer, built in its constructor by the
+    ``OptimizerFactory`` it was given, over whatever tensors it updates (the model's parameters,
+    or flat fp32 shards). The engine only reads it (for the learning-rate schedule's groups and
+    for memory accounting); updates go through ``step``.
+
+    Every method that communicates is collective over the strategy's group: all its ranks call
+    it in the same order.
+    """
+
+    optimizer: torch.optim.Optimizer
+
+    def set_sync(self, sync: bool) -> None:
+        """Say whether the coming backward is the last micro-step of the step (``True``) or an
+        accumulation micro-step (``False``). A strategy may skip communication on accumulation
+        micro-steps; after the last one, the reduced gradients must be complete."""
+
+    def begin_step(self, lr: float, *, overlap: bool = False) -> bool:
+        """Announce a step before its first backward. ``overlap=True`` promises that ``step``
+        will be called with this ``lr`` and ``grad_coef == 1`` and that the step is not skipped,
+        which lets a strategy update parameters during backward (CPU offload). Returns whether it
+        will: the update then can no longer be skipped or scaled."""
+
+    def after_backward(self) -> None:
+        """Finish the reduction started during the backward that just ended (wait for the
+        asynchronous collectives, reduce what hooks did not see, e.g. unused parameters)."""
+
+    def reduce_accumulated(self) -> None:
+        """Reduce, now, gradients accumulated locally with ``set_sync(False)`` (a pipeline
+        schedule interleaves the backward passes of its micro-batches). Strategies that keep no
+        local full gradients raise ``RuntimeError``."""
+
+    def grads(self) -> list[torch.Tensor]:
+        """The reduced gradient tensors this rank holds (after ``after_backward``), for the
+        overflow check; every element of the model's gradient is in some rank's list."""
+
+    def grad_sq_norm(self, exclude: Iterable[nn.Parameter] = ()) -> float:
+        """Squared L2 norm of the whole reduced gradient of the parameters this strategy was
+        given, the same on every rank of the group, leaving out the parameters in ``exclude``
+        (a tied weight another pipeline stage already counts)."""
+
+    def zero_grad(self) -> None:
+        """Clear the gradients for the next step (also after a skipped step)."""
+
+    def step(self, lr: float, grad_coef: float) -> None:
+        """Multiply the reduced gradients by ``grad_coef`` (loss-scale removal and clipping),
+        update the parameters with learning rate ``lr``, and leave every rank's model with the
+        updated values it needs for the next forward."""
+
+    def full_state(self) -> FullState:
+        """(parameters by name, optimizer state by parameter name and torch's key): full,
+        unsharded fp32 tensors on the CPU, keyed as ``model.named_parameters()`` (a tied weight
+        under its first name), so any strategy at any world size can load them. Collective."""
+
+    def load_full_state(self, params: dict[str, torch.Tensor],
+                        optim: dict[str, dict[str, torch.Tensor]] | None) -> None:
+        """Load state as ``full_state`` returns it, saved by any strategy. ``optim=None`` loads
+        the parameters only. Raises ``KeyError`` for a missing parameter and ``ValueError`` for a
+        shape mismatch, before changing anything."""
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        """Tensors the strategy keeps in host memory for offload (empty without offload), so
+        ``memory.measure_model_state_bytes`` counts them as host bytes."""
+
+    def close(self) -> None:
+        """Release what outlives Python references (worker threads, offload files, hooks on the
+        model). Call once training is over; the strategy must not be used afterwards."""
+
+
+def build_grad_strategy(zero: int, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *,
+                        bucket_mb: float = 25.0, precision: PrecisionPolicy, offload: str | None = "none",
+                        offload_dir=None, **stage_options) -> GradStrategy:
+    """The gradient strategy for ZeRO stage ``zero`` (0 = plain data parallel) of ``model``'s
+    parameters over ``mesh.dp``, with its optimizer built by ``optimizer_factory``.
+
+    ``offload``: "none", "cpu" (stages 1-3) or "nvme" (stage 3, with ``offload_dir``).
+    ``stage_options`` go to the stage-3 strategy (``units``, ``prefetch``, ``offload_chunk_mb``).
+    """
+    offload = offload or "none"
+    if zero == 0:
+        from .data_parallel import Stage0Strategy
+
+        if offload != "none" or stage_options:
+            raise ValueError(f"data parallel (zero=0) takes no offload or stage options; got offload={offload!r} "
+                             f"and {sorted(stage_options)}")
+        return Stage0Strategy(model, mesh, optimizer_factory, bucket_mb=bucket_mb, precision=precision)
+    if zero in (1, 2):
+        from .zero.stage12 import ZeroStrategy
+
+        if stage_options:
+            raise ValueError(f"ZeRO stage {zero} takes no options {sorted(stage_options)}")
+        return ZeroStrategy(model, mesh, optimizer_factory, stage=zero, bucket_mb=bucket_mb,
+                            precision=precision, offload=offload, offload_dir=offload_dir)
+    if zero == 3:
+        from .zero.stage3 import Stage3Strategy
+
+        return Stage3Strategy(model, mesh, optimizer_factory, bucket_mb=bucket_mb, precision=precision,
+                              offload=offload, offload_dir=offload_dir, **stage_options)
+    raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero!r}")
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that belong in a checkpoint (those ``state_dict`` keeps), by full name."""
+    out = {}
+    for mname, m in model.named_modules():
+        for bname, b in m.named_buffers(recurse=False):
+            if b is not None and bname not in m._non_persistent_buffers_set:
+                out.setdefault(f"{mname}.{bname}" if mname else bname, b)
+    return out
