@@ -108,6 +108,7 @@ def _train(cfg, args, argv: list[str]) -> int:
     from .parallel.pipeline.schedules import ScheduleError
     from .data import prepare_dataset
     from .distributed.launch import launch_local, read_env
+    from .distributed.watchdog import HANG_EXIT_CODE
     from .rundir import claim
     from .trainer import TrainingDiverged, train
     from pathlib import Path
@@ -162,6 +163,8 @@ def _train(cfg, args, argv: list[str]) -> int:
         worker_argv = argv[:i] + argv[i + 2:]
     worker_argv.append(f"out={resolved.out}")  # the folder this launcher holds, fresh or given
     code = launch_local(world, worker_argv, extra_env={WORKER_ENV: "1"})
+    if code == HANG_EXIT_CODE:
+        return code  # a worker has printed the hang diagnosis
     if code == EXIT_DIVERGED:
         return code  # rank 0 has said why
     if code:

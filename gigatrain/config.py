@@ -185,6 +185,7 @@ class ParallelConfig(_Section):
     pp_balance: Union[Literal["params", "time", "uniform"], list[int]] = Field("params", description="How blocks are split into stages: by `params`, by measured `time`, `uniform`, or an explicit list of blocks per stage (length pp x pp_virtual).")
     bucket_mb: float = Field(25.0, gt=0.0, description="Gradient bucket size in MiB for overlapping communication with backward.")
     timeout_s: float = Field(600.0, gt=0.0, description="Collective timeout in seconds (a hang fails after this long).")
+    hang_timeout_s: float = Field(120.0, gt=0.0, description="After this many seconds in one collective, the ranks compare what they are doing and one paragraph names the rank that never arrived and where it is, then every rank exits (code 124). Must be below `timeout_s` and above any legitimate wait (a slow checkpoint save).")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend (`auto` = nccl on CUDA, gloo on CPU).")
 
     @property
@@ -208,6 +209,8 @@ class DebugConfig(_Section):
 
     inject_overflow_step: Optional[int] = Field(None, ge=1, description="Force an inf gradient at this step to exercise the fp16 loss scaler (null = never).")
     inject_overflow_rank: int = Field(0, ge=0, description="Rank that receives the injected inf gradient.")
+    inject_hang_step: Optional[int] = Field(None, ge=1, description="Make one rank block forever at the start of this step, to exercise the hang diagnosis (null = never).")
+    inject_hang_rank: int = Field(0, ge=0, description="Rank that blocks at `inject_hang_step`.")
 
 
 class Config(_Section):
@@ -331,6 +334,10 @@ def _cross_problems(cfg: Config) -> list[str]:
         p.append(f"parallel.offload={par.offload} needs ZeRO: set parallel.zero to 1, 2 or 3, or parallel.offload=none.")
     if par.offload == "nvme" and par.zero in (1, 2):
         p.append("parallel.offload=nvme is implemented for parallel.zero=3: set zero=3, or offload=cpu for stages 1-2.")
+    if par.hang_timeout_s >= par.timeout_s:
+        p.append(f"parallel.hang_timeout_s ({par.hang_timeout_s:g}) must be below parallel.timeout_s "
+                 f"({par.timeout_s:g}): the hang diagnosis has to run before the collective timeout ends "
+                 "the job; lower hang_timeout_s or raise timeout_s.")
     if par.pp > 1 and par.zero >= 2:
         p.append(f"parallel.zero={par.zero} with parallel.pp={par.pp}: a pipeline accumulates full gradients over its "
                  "micro-batches, which stages 2-3 do not keep; use parallel.zero=1 (sharded optimizer) with pipelines.")
@@ -361,6 +368,9 @@ def _cross_problems(cfg: Config) -> list[str]:
     # debug
     if cfg.debug.inject_overflow_step is not None and cfg.debug.inject_overflow_step > t.steps:
         p.append(f"debug.inject_overflow_step ({cfg.debug.inject_overflow_step}) is after the last step "
+                 f"({t.steps}): choose a step between 1 and {t.steps}.")
+    if cfg.debug.inject_hang_step is not None and cfg.debug.inject_hang_step > t.steps:
+        p.append(f"debug.inject_hang_step ({cfg.debug.inject_hang_step}) is after the last step "
                  f"({t.steps}): choose a step between 1 and {t.steps}.")
     return p
 
@@ -777,9 +787,9 @@ def resolve_for_world(cfg: Config, world_size: int) -> Config:
     (= `cfg.grad_accum` when pp > 1), `checkpoint.dir` (<out>/checkpoints) and, for nvme
     offload, `parallel.offload_dir` (<out>/offload), these two only when `out` is set. Checks
     that dp x pp x tp equals the world size, that global_batch is a multiple of micro_batch x
-    dp, that an explicit pp_microbatches matches, that the overflow-injection rank exists and
-    that a resume path exists. Every failure is reported together in one ConfigError that says
-    what to change. After this, `cfg.grad_accum` and `cfg.world_size` are defined.
+    dp, that an explicit pp_microbatches matches, that the overflow- and hang-injection ranks
+    exist and that a resume path exists. Every failure is reported together in one ConfigError
+    that says what to change. After this, `cfg.grad_accum` and `cfg.world_size` are defined.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"the world size must be a positive integer, got {world_size!r}")
@@ -826,6 +836,9 @@ def resolve_for_world(cfg: Config, world_size: int) -> Config:
 
     if cfg.debug.inject_overflow_step is not None and cfg.debug.inject_overflow_rank >= world_size:
         problems.append(f"debug.inject_overflow_rank ({cfg.debug.inject_overflow_rank}) does not exist in a world of "
+                        f"{world_size} processes: choose a rank below {world_size}.")
+    if cfg.debug.inject_hang_step is not None and cfg.debug.inject_hang_rank >= world_size:
+        problems.append(f"debug.inject_hang_rank ({cfg.debug.inject_hang_rank}) does not exist in a world of "
                         f"{world_size} processes: choose a rank below {world_size}.")
     if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
         problems.append(f"resume={cfg.resume!r} does not exist: give an existing checkpoint folder, 'auto' to resume "

@@ -111,7 +111,7 @@ class Engine:
             self.strategy.grads()[0].view(-1)[0] = float("inf")
         skipped = False
         if self.scaler is not None:
-            skipped = self.scaler.found_overflow(self.strategy.grads(), group=self.mesh.world.group,
+            skipped = self.scaler.found_overflow(self.strategy.grads(), comm=self.mesh.world,
                                                  device=self.device)
             self.scaler.update(skipped)
         if skipped:
@@ -170,8 +170,8 @@ class Engine:
         self.partition_text = text
         schedule = build_schedule(plan.schedule, pp.size, plan.microbatches, plan.virtual)
         self._pp_scale = 1.0
-        self.runtime = PipelineRuntime(self.model, part, schedule, pp_group=pp.group,
-                                       virtual=plan.virtual, record=True, stats=self.mesh.stats,
+        self.runtime = PipelineRuntime(self.model, part, schedule, pp_group=pp,
+                                       virtual=plan.virtual, record=True,
                                        loss_fn=lambda out, y: self.loss_fn(out, y) * self._pp_scale)
         self._tied = self.runtime._tied if self.runtime._tie_peer is not None else []
         return StagePart(self.model, self.runtime.parameters(), self.runtime.chunks)

@@ -49,9 +49,10 @@ class DynamicLossScaler:
         self.good_steps = 0
         self.skipped_steps = 0
 
-    def found_overflow(self, grads: list[torch.Tensor], group=None,
+    def found_overflow(self, grads: list[torch.Tensor], comm=None,
                        device: torch.device | None = None) -> bool:
-        """True if any gradient on any rank of ``group`` is inf or NaN (one tiny all-reduce).
+        """True if any gradient on any rank of ``comm`` (a ``distributed.comm.Comm``; None: this
+        process alone) is inf or NaN (one tiny all-reduce).
 
         ``device`` is where the flag is reduced (the group's device: with CPU offload the
         gradients are on the host but NCCL needs a GPU tensor)."""
@@ -62,8 +63,8 @@ class DynamicLossScaler:
             norms = torch.stack(torch._foreach_norm([g.float() if g.dtype != torch.float32 else g
                                                      for g in grads]))
             flag = (~torch.isfinite(norms)).any().float().reshape(1).to(device)
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if comm is not None:
+            comm.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
     def update(self, overflow: bool) -> None:

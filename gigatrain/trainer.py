@@ -20,7 +20,9 @@ from .config import Config, resolve_for_world
 from .data import open_dataset
 from .data.sampler import BatchLoader, GlobalBatchSampler
 from .distributed.launch import DistEnv, distributed, read_env
+from .distributed.comm import OpLog
 from .distributed.mesh import Mesh, ParallelDims
+from .distributed.watchdog import Watchdog, inject_hang
 from .engine import Engine, PipelinePlan
 from .metrics import MetricsLogger, Progress, Timer, step_metrics
 from .models import build_model
@@ -64,6 +66,21 @@ def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False) -> Tr
 
 
 def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
+    log = OpLog()
+    with _watchdog(cfg, log):
+        return _run(cfg, device, quiet, log)
+
+
+def _watchdog(cfg: Config, log: OpLog):
+    """This rank's hang watchdog over ``log`` (none alone, nor on the fake test backend)."""
+    import contextlib
+
+    if dist.get_world_size() == 1 or dist.get_backend() == "fake":
+        return contextlib.nullcontext()
+    return Watchdog(log, hang_timeout_s=cfg.parallel.hang_timeout_s, out=cfg.out)
+
+
+def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog) -> TrainResult:
     world, rank = dist.get_world_size(), dist.get_rank()
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Share the cores among the local processes instead of oversubscribing them.
@@ -72,7 +89,7 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
     cfg = resolve_for_world(cfg, world)
     p, t = cfg.parallel, cfg.train
     dims = ParallelDims(dp=p.dp, pp=p.pp, tp=p.tp)
-    mesh = Mesh(dims, device)
+    mesh = Mesh(dims, device, log=log)
     is_main = rank == 0
     out = Path(cfg.out)
     if is_main:
@@ -121,6 +138,9 @@ def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
         for step, batches in zip(range(start, end), loader):
             lr = lr_at(step, kind=t.schedule, lr=t.lr, total_steps=t.steps,
                        warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio)
+            log.step = step + 1
+            if cfg.debug.inject_hang_step == step + 1 and rank == cfg.debug.inject_hang_rank:
+                inject_hang()
             inject = (cfg.debug.inject_overflow_step == step + 1 and rank == cfg.debug.inject_overflow_rank)
             with Timer(device) as tm:
                 res = engine.train_step(batches, lr, inject_overflow=inject)

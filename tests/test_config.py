@@ -138,13 +138,16 @@ OVERRIDES = [
     ("parallel.pp_virtual", ["parallel.pp=2", "parallel.pp_virtual=2", "parallel.pp_schedule=interleaved"], 2),
     ("parallel.pp_balance", ["parallel.pp=2", "parallel.pp_balance=[1,3]"], [1, 3]),
     ("parallel.bucket_mb", ["parallel.bucket_mb=4"], 4.0),
-    ("parallel.timeout_s", ["parallel.timeout_s=30"], 30.0),
+    ("parallel.timeout_s", ["parallel.timeout_s=300"], 300.0),
+    ("parallel.hang_timeout_s", ["parallel.hang_timeout_s=5"], 5.0),
     ("parallel.backend", ["parallel.backend=nccl"], "nccl"),
     ("checkpoint.every", ["checkpoint.every=100"], 100),
     ("checkpoint.dir", ["checkpoint.dir=/tmp/ck"], "/tmp/ck"),
     ("checkpoint.keep", ["checkpoint.keep=0"], 0),
     ("debug.inject_overflow_step", ["debug.inject_overflow_step=3"], 3),
     ("debug.inject_overflow_rank", ["debug.inject_overflow_rank=1"], 1),
+    ("debug.inject_hang_step", ["debug.inject_hang_step=3"], 3),
+    ("debug.inject_hang_rank", ["debug.inject_hang_rank=1"], 1),
     ("precision", ["precision=bf16"], "bf16"),
     ("resume", ["resume=auto"], "auto"),
     ("out", ["out=runs/exp1"], "runs/exp1"),
@@ -349,6 +352,9 @@ def test_out_of_range(override, needle):
     (["parallel.pp=8"], ["8 stages", "only 4 blocks"]),
     (["parallel.tp=3"], ["model.n_head (4)", "parallel.tp (3)"]),
     (["debug.inject_overflow_step=999"], ["debug.inject_overflow_step (999)"]),
+    (["debug.inject_hang_step=999"], ["debug.inject_hang_step (999)"]),
+    (["parallel.timeout_s=30"], ["parallel.hang_timeout_s (120) must be below parallel.timeout_s (30)"]),
+    (["parallel.hang_timeout_s=600"], ["parallel.hang_timeout_s (600)", "parallel.timeout_s (600)"]),
 ])
 def test_inconsistent_combinations(overrides, needles):
     msg = bad_override(*overrides)
@@ -426,6 +432,9 @@ def test_resolve_overflow_rank_and_resume(tmp_path):
     cfg = load_config(None, ["debug.inject_overflow_step=2", "debug.inject_overflow_rank=3", "train.micro_batch=8"])
     assert "debug.inject_overflow_rank (3)" in error_of(resolve_for_world, cfg, 2)
     assert resolve_for_world(cfg, 4).debug.inject_overflow_rank == 3
+    cfg = load_config(None, ["debug.inject_hang_step=2", "debug.inject_hang_rank=2", "train.micro_batch=8"])
+    assert "debug.inject_hang_rank (2)" in error_of(resolve_for_world, cfg, 2)
+    assert resolve_for_world(cfg, 4).debug.inject_hang_rank == 2
     missing = str(tmp_path / "nope")
     msg = error_of(resolve_for_world, load_config(None, [f"resume={missing}"]), 2)
     assert "resume=" in msg and "nope" in msg and "does not exist" in msg

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .comm import Comm, CommStats
+from .comm import Comm, CommStats, OpLog
 
 AXES = ("dp", "pp", "tp")
 
@@ -81,22 +81,28 @@ class ParallelDims:
 
 
 class Mesh:
-    """A DeviceMesh plus one counting ``Comm`` per axis (and one for the whole world)."""
+    """A DeviceMesh plus one counting ``Comm`` per axis (and one for the whole world).
 
-    def __init__(self, dims: ParallelDims, device: torch.device, stats: CommStats | None = None):
+    All of them count into ``stats`` and record into ``log``, the one op log of this rank that
+    the hang watchdog reads.
+    """
+
+    def __init__(self, dims: ParallelDims, device: torch.device, stats: CommStats | None = None,
+                 log: OpLog | None = None):
         import torch.distributed as dist
 
         self.dims = dims
         self.device = device
         self.stats = stats or CommStats()
+        self.log = log if log is not None else OpLog()
         world = dist.get_world_size()
         dims.validate(world)
         self.rank = dist.get_rank()
         self.coords = dims.coords(self.rank)
         self.device_mesh: DeviceMesh = init_device_mesh(
             device.type, (dims.dp, dims.pp, dims.tp), mesh_dim_names=AXES)
-        self.world = Comm(dist.group.WORLD, "world", self.stats)
-        self._axes = {axis: Comm(self.device_mesh.get_group(axis), axis, self.stats) for axis in AXES}
+        self.world = Comm(dist.group.WORLD, "world", self.stats, self.log)
+        self._axes = {axis: Comm(self.device_mesh.get_group(axis), axis, self.stats, self.log) for axis in AXES}
 
     def comm(self, axis: str) -> Comm:
         return self._axes[axis]

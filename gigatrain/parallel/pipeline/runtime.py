@@ -6,8 +6,8 @@ from ``schedules.build_schedule``; it builds this rank's stage modules and runs 
 once per ``step``. The runtime decides nothing: order, batching and placement of messages come
 from the schedule (see ``schedules`` for the semantics it implements).
 
-- Messages: consecutive SEND/RECV actions are posted as one ``dist.batch_isend_irecv`` on the pp
-  group (passed explicitly). A received tensor is waited for by the compute action that reads
+- Messages: consecutive SEND/RECV actions are posted as one batch of non-blocking messages
+  through the pp group's ``Comm`` (passed explicitly), which counts and records them. A received tensor is waited for by the compute action that reads
   it; sends are waited for at the end of the step.
 - Shapes: the first message across each stage boundary is preceded by a small header (ndim,
   dtype, shape); both sides cache it, later steps send the tensor alone. Every step must
@@ -31,9 +31,9 @@ import time
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from ...distributed.comm import Comm
 from .partition import Partition
 from .schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, stage_rank
 from .simulate import validate_schedule
@@ -218,23 +218,24 @@ class PipelineRuntime:
             model (same seed) and keeps only its stages' modules in use.
         partition: blocks per stage, ``pp * virtual`` stages.
         schedule: ``build_schedule(kind, pp, M, virtual)`` (all ranks' lists; this rank's is used).
-        pp_group: the pipeline process group (its size is pp, its group rank is the pp rank);
-            ``None`` runs all stages in this process (pp = 1).
+        pp_group: the pipeline group's ``Comm`` (its size is pp, its group rank is the pp rank),
+            through which every message is sent, counted and recorded; a bare process group is
+            wrapped in a ``Comm`` named "pp" with its own counters. ``None`` runs all stages in
+            this process (pp = 1).
         virtual: chunks per rank.
         loss_fn: ``loss_fn(logits, targets) -> scalar``, default ``model.loss``.
         record: keep a ``Record`` per action of the last step in ``self.records``.
     """
 
     def __init__(self, model, partition: Partition, schedule: Sequence[Sequence[Action]], *,
-                 pp_group, virtual: int = 1, loss_fn: Callable | None = None, record: bool = False,
-                 stats=None, group_name: str = "pp"):
-        self.group = pp_group
-        # Optional ``gigatrain.distributed.comm.CommStats``: bytes this rank sends are counted there.
-        self._stats, self._group_name = stats, group_name
+                 pp_group, virtual: int = 1, loss_fn: Callable | None = None, record: bool = False):
+        if pp_group is not None and not isinstance(pp_group, Comm):
+            pp_group = Comm(pp_group, "pp")
+        self.comm = pp_group
         if pp_group is None:  # one stage owner, nothing to send (also without a process group)
             self.pp, self.rank = 1, 0
         else:
-            self.pp, self.rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
+            self.pp, self.rank = self.comm.size, self.comm.rank
         if len(schedule) != self.pp:
             raise ValueError(f"schedule has {len(schedule)} rank lists, the pp group has {self.pp} ranks")
         n_stages, _, _ = validate_schedule(schedule)  # static checks only: cheap, and every rank agrees
@@ -264,9 +265,9 @@ class PipelineRuntime:
         if self._tied and self.pp > 1:
             # With NCCL the first operation on a group must involve all its ranks; the tied
             # weight exchange below is between the first and last stage only.
-            dist.barrier(group=self.group)
+            self.comm.barrier()
         if self._tied and self.rank in (0, self.pp - 1):
-            self._tie_peer = self._global(self.pp - 1 if self.rank == 0 else 0)
+            self._tie_peer = self.pp - 1 if self.rank == 0 else 0  # a pp (group) rank
             self._sync_tied_values()
 
     # ---- public -------------------------------------------------------------------------
@@ -366,21 +367,18 @@ class PipelineRuntime:
     def _send_any(self, t: torch.Tensor, peer: int) -> None:
         """Send a tensor of any shape: header first, then the data (blocking)."""
         for buf in (self._header(t), t):
-            self._count("send", buf)
-            dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, self._global(peer), self.group)])[0].wait()
+            self.comm.p2p_ops([(buf, peer)], [])[0].wait()
 
     def _recv_any(self, peer: int) -> torch.Tensor:
         hdr = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-        dist.batch_isend_irecv([dist.P2POp(dist.irecv, hdr, self._global(peer), self.group)])[0].wait()
+        self.comm.p2p_ops([], [(hdr, peer)])[0].wait()
         shape, dtype = self._parse_header(hdr)
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, self._global(peer), self.group)])[0].wait()
+        self.comm.p2p_ops([], [(buf, peer)])[0].wait()
         return buf
 
     def _broadcast(self, t: torch.Tensor, src: int) -> None:
-        if self.rank == src:
-            self._count("broadcast", t)
-        dist.broadcast(t, src=self._global(src), group=self.group)
+        self.comm.broadcast(t, src=src)
 
     # ---- compute ------------------------------------------------------------------------
     def _take(self, table: dict, key) -> torch.Tensor:
@@ -471,50 +469,47 @@ class PipelineRuntime:
             self._outbox[(kind, s, m)] = t.contiguous()
 
     # ---- communication ------------------------------------------------------------------
-    def _global(self, group_rank: int) -> int:
-        return dist.get_global_rank(self.group, group_rank)
-
-    def _issue(self, ops: list, pendings: list) -> None:
-        if not ops:
+    def _issue(self, sends: list, recvs: list, pendings: list) -> None:
+        """Post ``sends`` and ``recvs`` ((tensor, pp rank) pairs) as one batch; ``pendings`` are
+        (index into ``recvs``, _Pending) pairs that receive their work."""
+        if not sends and not recvs:
             return
-        works = dist.batch_isend_irecv(ops)
-        for op, work in zip(ops, works):
-            if op.op is dist.isend:
-                self._sends.append(work)
-                self._count("send", op.tensor)
+        works = self.comm.p2p_ops(sends, recvs)
+        self._sends.extend(works[:len(sends)])
         for idx, pend in pendings:
-            pend.work = works[idx]
+            pend.work = works[len(sends) + idx]
 
     def _post(self, batch: Sequence[Action]) -> None:
-        ops: list = []
+        sends: list = []
+        recvs: list = []
         pendings: list = []
         for a in batch:
-            peer = self._global(stage_rank(a.peer, self.pp))
+            peer = stage_rank(a.peer, self.pp)
             if isinstance(a, (SEND_F, SEND_B)):
                 t = self._outbox.pop((a.direction, a.stage, a.mb))
                 if isinstance(a, SEND_F):
                     meta = (tuple(t.shape), t.dtype)
                     if a.stage not in self._sent_meta:
-                        ops.append(dist.P2POp(dist.isend, self._header(t), peer, self.group))
+                        sends.append((self._header(t), peer))
                         self._sent_meta[a.stage] = meta
                     elif self._sent_meta[a.stage] != meta:
                         raise RuntimeError(
                             f"stage {a.stage} output changed to {meta} after {self._sent_meta[a.stage]} "
                             "was agreed; micro-batch shapes must stay fixed (or call reset_shapes() "
                             "on every rank)")
-                ops.append(dist.P2POp(dist.isend, t, peer, self.group))
+                sends.append((t, peer))
             elif isinstance(a, RECV_F):
                 if a.stage not in self._in_meta:
                     # The header decides the buffer: issue what we have, then read it.
-                    self._issue(ops, pendings)
-                    ops, pendings = [], []
+                    self._issue(sends, recvs, pendings)
+                    sends, recvs, pendings = [], [], []
                     hdr = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-                    dist.batch_isend_irecv([dist.P2POp(dist.irecv, hdr, peer, self.group)])[0].wait()
+                    self.comm.p2p_ops([], [(hdr, peer)])[0].wait()
                     self._in_meta[a.stage] = self._parse_header(hdr)
                 shape, dtype = self._in_meta[a.stage]
                 pend = _Pending(torch.empty(shape, dtype=dtype, device=self.device), a)
-                pendings.append((len(ops), pend))
-                ops.append(dist.P2POp(dist.irecv, pend.buf, peer, self.group))
+                pendings.append((len(recvs), pend))
+                recvs.append((pend.buf, peer))
                 self._fwd_in[(a.stage, a.mb)] = pend
             elif isinstance(a, RECV_B):
                 if (a.stage, a.mb) in self._saved:
@@ -526,17 +521,12 @@ class PipelineRuntime:
                     raise RuntimeError(f"{a!r} is posted before stage {a.stage} produced any output, "
                                        "so the gradient's shape is unknown")
                 pend = _Pending(torch.empty(shape, dtype=dtype, device=self.device), a)
-                pendings.append((len(ops), pend))
-                ops.append(dist.P2POp(dist.irecv, pend.buf, peer, self.group))
+                pendings.append((len(recvs), pend))
+                recvs.append((pend.buf, peer))
                 self._bwd_in[(a.stage, a.mb)] = pend
             else:
                 raise TypeError(a)
-        self._issue(ops, pendings)
-
-    def _count(self, op: str, t: torch.Tensor) -> None:
-        if self._stats is not None:
-            n = t.numel() * t.element_size()
-            self._stats.add(self._group_name, op, n, n)
+        self._issue(sends, recvs, pendings)
 
     def _header(self, t: torch.Tensor) -> torch.Tensor:
         if t.dim() > _HEADER - 2:
@@ -556,9 +546,11 @@ class PipelineRuntime:
         """Make the last rank's copies equal rank 0's before training starts."""
         with torch.no_grad():
             for p in self._tied:
-                op = dist.isend if self.rank == 0 else dist.irecv
                 buf = p.data if self.rank == 0 else torch.empty_like(p.data)
-                dist.batch_isend_irecv([dist.P2POp(op, buf, self._tie_peer, self.group)])[0].wait()
+                msg = [(buf, self._tie_peer)]
+                # Set-up, not step traffic: kept out of the byte counts.
+                self.comm.p2p_ops(msg if self.rank == 0 else [], [] if self.rank == 0 else msg,
+                                  count=False)[0].wait()
                 if self.rank != 0:
                     p.data.copy_(buf)
 
@@ -569,11 +561,7 @@ class PipelineRuntime:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             other = torch.empty_like(p.grad)
-            self._count("send", p.grad)
-            works = dist.batch_isend_irecv([
-                dist.P2POp(dist.isend, p.grad, self._tie_peer, self.group),
-                dist.P2POp(dist.irecv, other, self._tie_peer, self.group),
-            ])
+            works = self.comm.p2p_ops([(p.grad, self._tie_peer)], [(other, self._tie_peer)])
             for w in works:
                 w.wait()
             p.grad.add_(other)
