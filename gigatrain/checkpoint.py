@@ -250,10 +250,14 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> LoadedCheckpoint:
     meta_path = path / META
     if not meta_path.is_file():
         raise CheckpointError(f"{path} is not a complete gigatrain checkpoint (no {META}).")
+    damaged = "the checkpoint is damaged: resume from another one (resume=<a step_NNNNNN folder>)"
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_path} is not valid JSON ({e}); the checkpoint is damaged.") from e
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({e}); {damaged}.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        what = "has no integer step" if isinstance(meta, dict) else f"holds a JSON {type(meta).__name__}"
+        raise CheckpointError(f"{meta_path} {what}, not the checkpoint's step and config; {damaged}.")
     if meta.get("format") != "gigatrain-checkpoint-v1":
         raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}.")
     try:

@@ -6,7 +6,9 @@
     gigatrain data [CONFIG] [key=value ...]         download/tokenize the dataset once
 
 Bad input (config, layout, checkpoint) ends with one readable paragraph and exit code 2, before
-any training starts, never with a traceback.
+any training starts, never with a traceback. So does every failure during training: one
+paragraph from the rank that failed (its traceback in ``<out>/error-rank<R>.log``). SIGTERM and
+SIGINT stop a run with a checkpoint (exit code 75). All exit codes: README, "Exit codes".
 """
 from __future__ import annotations
 
@@ -102,19 +104,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg, args, argv: list[str]) -> int:
-    from .checkpoint import CheckpointError, resolve_resume
+    from .checkpoint import resolve_resume
     from .config import ConfigError, check_supported, resolve_for_world
-    from .distributed.mesh import LayoutError
-    from .parallel.pipeline.schedules import ScheduleError
     from .data import prepare_dataset
-    from .distributed.launch import launch_local, read_env
-    from .distributed.watchdog import HANG_EXIT_CODE
+    from .distributed.launch import LAUNCHER_PID_ENV, die_with_parent, launch_local, read_env
     from .rundir import claim
-    from .trainer import TrainingDiverged, train
     from pathlib import Path
 
     env = read_env()
     worker = os.environ.get(WORKER_ENV) == "1"
+    if worker or "TORCHELASTIC_RUN_ID" in os.environ:
+        # A launcher killed with SIGKILL must not leave its workers training on their own.
+        launcher = os.environ.get(LAUNCHER_PID_ENV)
+        die_with_parent(int(launcher) if worker and launcher else None)
+    # A rank of a launched job takes SIGTERM/SIGINT as a stop request from now on, start-up included.
+    stop = _stop_request(env, worker) if env.is_distributed_launch else None
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the number of processes must be at least 1.")
     if env.is_distributed_launch:
@@ -130,6 +134,7 @@ def _train(cfg, args, argv: list[str]) -> int:
         resolved = resolve_for_world(cfg, world)
     resolve_resume(resolved.resume, Path(resolved.checkpoint.dir or Path(resolved.out) / "checkpoints"))
     if not worker:
+        _check_writable(resolved)
         # Workers of our own launcher run under its lock; under torchrun/srun rank 0 takes it.
         args.lock = claim(resolved.out, resolved.checkpoint.dir, resolved.parallel.offload_dir,
                           resume=resolved.resume, overwrite=resolved.overwrite,
@@ -137,39 +142,26 @@ def _train(cfg, args, argv: list[str]) -> int:
         for note in args.lock.notes if args.lock else ():
             print(note, flush=True)
     try:
-        if not worker:
-            prepare_dataset(resolved.data, resolved.model.seq_len)
+        dataset = None if worker else prepare_dataset(resolved.data, resolved.model.seq_len)
     except (OSError, RuntimeError, ValueError) as e:
         # Missing or unreadable data: the message says how to get it.
         return _fail(str(e))
+    if not worker:
+        _check_space(resolved, dataset, world)
 
     if env.is_distributed_launch or world == 1:
-        try:
-            train(cfg, env=env, quiet=args.quiet)
-        except (ConfigError, LayoutError, CheckpointError, ScheduleError) as e:
-            # Every rank hits the same problem: one paragraph from the first rank is enough.
-            if env.rank == 0:
-                _fail(str(e))
-            return 2
-        except TrainingDiverged as e:
-            if env.rank == 0:
-                _fail(str(e))
-            return EXIT_DIVERGED
-        return 0
+        return _run_training(cfg, env, args, worker, stop or _stop_request(env, worker))
     # Start the workers through torch's launcher; they re-enter here with the torchrun variables.
     worker_argv = [a for a in argv if not a.startswith("--nproc")]
     if "--nproc" in argv:
         i = argv.index("--nproc")
         worker_argv = argv[:i] + argv[i + 2:]
     worker_argv.append(f"out={resolved.out}")  # the folder this launcher holds, fresh or given
-    code = launch_local(world, worker_argv, extra_env={WORKER_ENV: "1"})
-    if code == HANG_EXIT_CODE:
-        return code  # a worker has printed the hang diagnosis
-    if code == EXIT_DIVERGED:
-        return code  # rank 0 has said why
-    if code:
-        return _fail(f"a worker process failed (exit code {code}); its error is printed above.")
-    return 0
+    warning = nproc_warning(world, os.cpu_count() or 1, _mem_available(), gpus=_gpu_count())
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    # The workers, or the launcher for a worker that could not speak, have said what went wrong.
+    return launch_local(world, worker_argv, extra_env={WORKER_ENV: "1"})
 
 
 def _choose_out(cfg, config_path: str | None, env):
@@ -221,6 +213,259 @@ def _fit_to_gpus(cfg, world: int, explicit: bool) -> int:
     raise ConfigError(f"{world} processes need {world} GPUs (one per process) but {n} are visible: use "
                       f"--nproc {n} (and a layout with dp x pp x tp = {n}), or run on a machine with more GPUs.")
 
+
+def _stop_request(env, worker: bool):
+    from .distributed.launch import STATUS_DIR_ENV, RankStatus, StopRequest
+
+    status = RankStatus(os.environ.get(STATUS_DIR_ENV) if worker else None, env.rank)
+    # Under our launcher the launcher announces a stop; elsewhere rank 0 does.
+    return StopRequest(announce=env.rank == 0 and not worker, status=status).install()
+
+
+def _run_training(cfg, env, args, worker: bool, stop) -> int:
+    """Train in this process (one rank of the job) and return its exit code.
+
+    Whatever happens ends in at most one paragraph on the terminal: bad input and divergence
+    from rank 0 alone (every rank hits them together), a runtime failure from the rank that failed,
+    with its rank, host and step, its traceback in ``<out>/error-rank<R>.log``. SIGTERM/SIGINT stop
+    the job at a step boundary with a checkpoint (``StopRequest``); rank 0 says how to resume.
+    """
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .distributed.launch import EXIT_STOPPED, signal_name
+    from .distributed.mesh import LayoutError
+    from .parallel.pipeline.schedules import ScheduleError
+    from .trainer import TrainingDiverged, train
+
+    status = stop.status
+    try:
+        result = train(cfg, env=env, quiet=args.quiet, stop=stop)
+        code = 0
+        if result.stopped_by:
+            code = EXIT_STOPPED
+            if env.rank == 0:
+                where = (f"checkpoint {result.stop_checkpoint}" if result.stop_checkpoint
+                         else "no new checkpoint (the last steps were being skipped)")
+                print(f"gigatrain: stopped by {signal_name(result.stopped_by)} after step {result.last_step}; "
+                      f"{where}. To continue, run the same command with resume=auto --out {cfg.out}",
+                      file=sys.stderr, flush=True)
+    except (ConfigError, LayoutError, CheckpointError, ScheduleError) as e:
+        # Every rank hits the same problem: one paragraph from the first rank is enough.
+        if env.rank == 0:
+            _fail(str(e))
+        code = 2
+    except TrainingDiverged as e:
+        if env.rank == 0:
+            _fail(str(e))
+        code = EXIT_DIVERGED
+    except Exception as e:
+        code = _runtime_failure(e, cfg, env, stop.step, status, worker)
+    finally:
+        if env.is_distributed_launch:
+            # The work is done. A launcher stops the other workers as soon as one has exited, and
+            # its signal must not kill (and so relabel) a rank still shutting down.
+            stop.ignore_further()
+        else:
+            stop.restore()
+    if status.fields["outcome"] == "running":
+        status.update(outcome="exited", code=code)
+    status.close()
+    return code
+
+
+def _runtime_failure(e: BaseException, cfg, env, step: int, status, worker: bool) -> int:
+    """Report a failure during training in one paragraph; the traceback goes to a log file.
+
+    A rank that only lost contact with a peer is not the cause: under our own launcher it stays
+    silent (the launcher names the rank that died), elsewhere it says so.
+    """
+    import socket
+
+    from .distributed.launch import EXIT_FAILED
+
+    log = _write_error_log(cfg.out, env.rank, e)
+    host = socket.gethostname()
+    when = f"after step {step}" if step else "before finishing the first step"
+    if _lost_peer(e):
+        msg = (f"rank {env.rank} on {host} lost contact with another rank {when}: that rank failed, was "
+               f"killed or hung (its own message says why). The details are in {log}.")
+        if worker:
+            status.update(outcome="silent", message=msg)
+            return EXIT_FAILED
+    else:
+        msg = f"rank {env.rank} on {host} failed {when}: {_describe_error(e)} The full traceback is in {log}."
+    print(f"gigatrain: error: {msg}", file=sys.stderr, flush=True)
+    status.update(outcome="reported")
+    return EXIT_FAILED
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Does ``e`` say that a collective failed because another rank went away or stalled?"""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/", "timed out",
+        "Timed out"))
+
+
+def _describe_error(e: BaseException) -> str:
+    import errno
+
+    text = str(e)
+    path = getattr(e, "filename", None)
+    code = getattr(e, "errno", None)
+    if code == errno.ENOSPC or "No space left on device" in text or "StorageFull" in text:
+        return (f"the disk is full{f' (writing {path})' if path else ''}: free some space, or point --out, "
+                f"checkpoint.dir or parallel.offload_dir at a disk with room ({text}).")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"{path or 'a file'} cannot be written ({e.strerror}): choose a writable --out, checkpoint.dir "
+                f"or parallel.offload_dir.")
+    if isinstance(e, OSError):
+        return f"{e.strerror or text}{f': {path}' if path else ''}."
+    return f"{type(e).__name__}: {text}".rstrip(".") + "."
+
+
+def _write_error_log(out, rank: int, e: BaseException) -> str:
+    """Append ``e``'s traceback to ``<out>/error-rank<R>.log`` (a temporary file if ``out`` is not
+    writable); returns the path written."""
+    import socket
+    import tempfile
+    import time
+    import traceback
+
+    text = (f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank} on {socket.gethostname()} "
+            f"(pid {os.getpid()})\n" + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    candidates = [os.path.join(out, f"error-rank{rank}.log")] if out else []
+    candidates.append(os.path.join(tempfile.gettempdir(), f"gigatrain-error-rank{rank}-{os.getpid()}.log"))
+    for path in candidates:
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return "(no writable place for the log)"
+
+
+def _output_folders(cfg) -> dict[str, str]:
+    folders = {"--out": cfg.out, "checkpoint.dir": cfg.checkpoint.dir or os.path.join(cfg.out, "checkpoints")}
+    if cfg.parallel.offload == "nvme" and cfg.parallel.offload_dir:
+        folders["parallel.offload_dir"] = cfg.parallel.offload_dir
+    return folders
+
+
+def _nearest_existing(folder: str):
+    from pathlib import Path
+
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable(cfg) -> None:
+    """Before launch: refuse output folders (--out, checkpoint.dir, an NVMe offload_dir) that this
+    run could not write, probing the nearest existing folder so that nothing is created yet."""
+    import tempfile
+
+    from .config import ConfigError
+
+    for key, folder in _output_folders(cfg).items():
+        p = _nearest_existing(folder)
+        why = None
+        if not p.is_dir():
+            why = f"{p} is not a folder"
+        else:
+            try:
+                with tempfile.TemporaryFile(dir=p):
+                    pass
+            except OSError as e:
+                why = e.strerror or str(e)
+        if why:
+            raise ConfigError(f"{key} {folder} cannot be written ({why}): choose a folder this user can "
+                              f"write to.")
+
+
+def _check_space(cfg, dataset, world: int) -> None:
+    """Before launch: the disk of checkpoint.dir must hold one checkpoint and that of an NVMe
+    offload_dir this machine's share of the optimizer state (both on one disk: their sum)."""
+    import shutil
+
+    from .config import ConfigError
+
+    folders = _output_folders(cfg)
+    existing = {k: _nearest_existing(v) for k, v in folders.items()}
+    nvme = "parallel.offload_dir" in folders
+    n_params = _count_params(cfg, dataset)
+    if not n_params:
+        return
+    # fp32 weights + two Adam moments: a checkpoint, and the NVMe-offloaded state of this machine.
+    need = {"checkpoint.dir": 12 * n_params}
+    if nvme:
+        local = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        need["parallel.offload_dir"] = 12 * n_params * local // world
+    by_disk: dict[int, list[str]] = {}
+    for key in need:
+        by_disk.setdefault(os.stat(existing[key]).st_dev, []).append(key)
+    for keys in by_disk.values():
+        total = sum(need[k] for k in keys)
+        free = shutil.disk_usage(existing[keys[0]]).free
+        if total > free:
+            names = " and ".join(keys)
+            raise ConfigError(f"{names} need about {_gib(total)} of disk ({n_params:,} parameters x 12 bytes: "
+                              f"fp32 weights and two Adam moments) but {existing[keys[0]]} has {_gib(free)} free: "
+                              f"free some space or point {names} at a bigger disk.")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**26 else f"{n / 2**20:.1f} MiB"
+
+
+def _count_params(cfg, dataset) -> int:
+    """Parameters of the configured model, built on the meta device (no memory); 0 if unknown."""
+    try:
+        import torch
+
+        from .models import build_model
+
+        with torch.device("meta"):
+            model = build_model(cfg.model, vocab_size=getattr(dataset, "vocab_size", None))
+        return sum(p.numel() for p in model.parameters())
+    except Exception:
+        return 0
+
+
+def nproc_warning(nproc: int, cores: int, mem_available: int | None, gpus: int = 0) -> str | None:
+    """A one-line warning when ``nproc`` local processes far exceed this machine: more than twice
+    the CPU cores (CPU training), or more than its free memory at ~0.5 GiB per process."""
+    per_process = 2**29  # the interpreter, torch and a small model, measured on CPU
+    if gpus == 0 and nproc > 2 * cores:
+        return (f"gigatrain: warning: --nproc {nproc} starts {nproc} processes on {cores} CPU core(s): "
+                f"they will share the cores and run slower than fewer processes would.")
+    if mem_available is not None and nproc * per_process > mem_available:
+        return (f"gigatrain: warning: --nproc {nproc} needs at least {_gib(nproc * per_process)} of memory but "
+                f"{_gib(mem_available)} is available: processes may be killed by the out-of-memory killer.")
+    return None
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -487,6 +487,9 @@ def _read_default_text() -> str:
 
 def _read_file(path: str) -> dict:
     """Load a YAML, JSON or TOML file (chosen by extension) into a dict."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a folder, not a config file: give a .yaml, .json or .toml file "
+                          "(put key=value overrides after it)", source=path)
     if not os.path.isfile(path):
         raise ConfigError(f"the config file {path} does not exist: check the path", source=path)
     ext = os.path.splitext(path)[1].lower()

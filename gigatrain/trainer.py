@@ -40,6 +40,8 @@ class TrainResult:
     last_step: int = 0
     sample: str | None = None
     comm_sent: dict = field(default_factory=dict)
+    stopped_by: int = 0                 # the signal that stopped the run early (see ``stop``)
+    stop_checkpoint: str | None = None  # the checkpoint written when it stopped
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,8 +49,13 @@ class TrainingDiverged(RuntimeError):
     same step, and the message (one paragraph) says where to continue from."""
 
 
-def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False) -> TrainResult:
+def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False, stop=None) -> TrainResult:
     """Train according to ``cfg`` in this process; creates the process group if none exists.
+
+    ``stop`` (a ``distributed.launch.StopRequest``, or anything with ``signum``, ``step_done(step)``
+    and ``checkpoint_saved(step)``) lets a signal end the run early: after every step the ranks
+    agree whether any of them has a ``signum`` (one all-reduce of a scalar), and if so all save a
+    checkpoint of that step (whatever ``checkpoint.every``) and return with ``stopped_by`` set.
 
     Raises ``TrainingDiverged`` after ``train.max_skipped_steps`` steps in a row were skipped for
     a NaN/inf loss or gradient norm; no checkpoint with NaN or inf is ever written.
@@ -60,15 +67,15 @@ def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False) -> Tr
     env = env or read_env()
     if dist.is_initialized():
         from .distributed.launch import pick_device
-        return _train(cfg, pick_device(env), quiet)
+        return _train(cfg, pick_device(env), quiet, stop)
     with distributed(env, backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s) as device:
-        return _train(cfg, device, quiet)
+        return _train(cfg, device, quiet, stop)
 
 
-def _train(cfg: Config, device: torch.device, quiet: bool) -> TrainResult:
+def _train(cfg: Config, device: torch.device, quiet: bool, stop=None) -> TrainResult:
     log = OpLog()
     with _watchdog(cfg, log):
-        return _run(cfg, device, quiet, log)
+        return _run(cfg, device, quiet, log, stop)
 
 
 def _watchdog(cfg: Config, log: OpLog):
@@ -80,7 +87,7 @@ def _watchdog(cfg: Config, log: OpLog):
     return Watchdog(log, hang_timeout_s=cfg.parallel.hang_timeout_s, out=cfg.out)
 
 
-def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog) -> TrainResult:
+def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None) -> TrainResult:
     world, rank = dist.get_world_size(), dist.get_rank()
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Share the cores among the local processes instead of oversubscribing them.
@@ -145,6 +152,8 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog) -> TrainRes
             with Timer(device) as tm:
                 res = engine.train_step(batches, lr, inject_overflow=inject)
             done = step + 1
+            if stop is not None:
+                stop.step_done(done)
             result.losses.append(res.loss)
             result.grad_norms.append(res.grad_norm)
             if res.skipped:
@@ -186,10 +195,20 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog) -> TrainRes
             elif (every and done % every == 0) or done == end:
                 _save(cfg, engine, ckpt_root, done, rank, mesh, device)
             result.last_step = done
+            if stop is not None and done < end and (sig := _agreed_stop_signal(stop, mesh, device)):
+                result.stopped_by = sig
+                if not in_a_row:  # else the newest checkpoint stays the last good one
+                    if not (every and done % every == 0):
+                        _save(cfg, engine, ckpt_root, done, rank, mesh, device)
+                    result.stop_checkpoint = str(ckpt_root / f"step_{done:06d}")
+                    stop.checkpoint_saved(done)
+                break
     finally:
         bar.close()
         logger.close()
 
+    if result.stopped_by:
+        return result  # asked to stop: no timeline or sample
     if p.pp > 1:
         _write_timeline(engine, mesh, out, cfg, is_main)
     # Every rank samples: no rank holds the whole model under ZeRO-3 or a pipeline.
@@ -199,6 +218,11 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog) -> TrainRes
             print("\n--- sample ---\n" + result.sample + "\n--------------", flush=True)
     result.comm_sent = mesh.stats.summary()
     return result
+
+
+def _agreed_stop_signal(stop, mesh: Mesh, device) -> int:
+    """The stop signal any rank has received (0: none), the same on every rank."""
+    return int(mesh.world.all_reduce_scalar(float(stop.signum), op=dist.ReduceOp.MAX, device=device))
 
 
 def _resume(cfg, engine: Engine, root: Path, rank: int, mesh: Mesh, device) -> int:
@@ -231,8 +255,11 @@ def _resume(cfg, engine: Engine, root: Path, rank: int, mesh: Mesh, device) -> i
     ok = torch.tensor([0.0 if error else 1.0], device=device)
     mesh.world.all_reduce(ok, op=dist.ReduceOp.MIN)
     if ok.item() < 1:
-        raise ckpt.CheckpointError(error or f"cannot resume from {path}: another rank failed to load it "
-                                            "(see its message).")
+        # Rank 0 speaks for the job, so it must show the failing rank's own words (they name the file).
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        first = next(r for r, e in enumerate(errors) if e)
+        raise ckpt.CheckpointError(errors[first] if first == rank else f"rank {first}: {errors[first]}")
     return step
 
 
