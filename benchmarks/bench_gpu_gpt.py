@@ -40,11 +40,11 @@ def main() -> None:
     import torch.distributed as dist
 
     from gigatrain.distributed.mesh import Mesh, ParallelDims
-    from gigatrain.engine import Engine
+    from gigatrain.api import parallelize
     from gigatrain.metrics import device_peak_flops
     from gigatrain.models import build_model
     from gigatrain.optim import build_optimizer, param_groups
-    from gigatrain.precision import PrecisionPolicy
+    from gigatrain.parallel.policies import ParallelPlan
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
@@ -52,7 +52,6 @@ def main() -> None:
     n_layer, d_model, n_head = SIZES[a.size]
     mcfg = SimpleNamespace(name="gpt", n_layer=n_layer, n_head=n_head, d_model=d_model, seq_len=a.seq_len)
     tcfg = SimpleNamespace(optimizer="adamw", lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), momentum=0.0)
-    policy = PrecisionPolicy.from_name("bf16", dev)
 
     def make():
         torch.manual_seed(0)
@@ -74,7 +73,8 @@ def main() -> None:
 
     ours_model = make()
     mesh = Mesh(ParallelDims(dp=1), dev)
-    engine = Engine(ours_model, mesh, lambda g: build_optimizer(tcfg, g, dev), precision=policy, grad_clip=1.0)
+    engine = parallelize(ours_model, mesh, lambda g: build_optimizer(tcfg, g, dev),
+                         ParallelPlan(dims=mesh.dims, precision="bf16", grad_clip=1.0))
     if a.compile:
         engine.model.forward = torch.compile(engine.model.forward)
 

@@ -1,40 +1,38 @@
-"""Composition of the parallel techniques into one training step.
+"""The training step loop, over parts composed elsewhere.
 
-The engine takes a model, an optimizer factory and batches; it never imports a model or a dataset,
-so any ``nn.Module`` with a loss works. Choices are made once, at construction:
+``gigatrain.api.parallelize`` (or ``gigatrain.initialize``) applies the parallel techniques to a
+model in a fixed order (tensor parallel -> pipeline split -> data parallel / ZeRO) and hands the
+results to an ``Engine``:
 
-- a *gradient strategy* (data parallel / ZeRO stage) that owns how gradients are reduced, which
-  parameters the optimizer sees, and how full state is gathered for checkpoints;
-- a *precision policy* (autocast dtype, loss scaling);
+- *stages* (``apply_pipeline``): run forward and backward over this rank's micro-batches, whether
+  the model is whole here or split into pipeline stages;
+- a *gradient strategy* (``apply_data_parallel``): reduces gradients over dp, owns the optimizer,
+  gathers full state for checkpoints;
+- *placements*: where each parameter lives, from which the global norm's bookkeeping and the
+  checkpoint writers follow;
+- a *precision policy* (dtypes, loss scaling).
 
-and ``train_step`` only runs them: forward/backward over the micro-batches, reduce, check for
-overflow, clip by the global norm, step.
+The engine only runs them: forward/backward, overflow check, global norm, clip, step. It holds
+no pipeline, ZeRO or tensor-parallel branch, and never imports a model or a dataset.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from .distributed.mesh import Mesh
-from .parallel.strategy import OptimizerFactory, build_grad_strategy, persistent_buffers
+from .parallel.placement import Placements
+from .parallel.strategy import OptimizerFactory, persistent_buffers
 from .precision import DynamicLossScaler, PrecisionPolicy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-
-@dataclass(frozen=True)
-class PipelinePlan:
-    """How to split the model over the pp axis (see ``gigatrain.parallel.pipeline``)."""
-
-    schedule: str = "1f1b"            # naive | gpipe | 1f1b | interleaved | zb
-    microbatches: int = 1             # micro-batches per step per data-parallel rank
-    virtual: int = 1                  # model chunks per rank (interleaved, zb)
-    balance: object = "params"        # params | time | uniform | list of blocks per stage
-    example_batch: object = None      # (inputs, targets) of one micro-batch, for balance="time"
+__all__ = ["Batch", "Engine", "OptimizerFactory", "StepHook", "StepResult", "default_loss"]
 
 
 @dataclass
@@ -47,68 +45,111 @@ class StepResult:
     nonfinite: bool = False  # skipped for a NaN/inf loss or gradient that no loss scale explains
 
 
-def _default_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+class StepHook:
+    """Called by ``Engine.train_step`` at fixed points; the base does nothing. Fault injection
+    for tests and demonstrations is a hook (``gigatrain.trainer.InjectOverflow``)."""
+
+    def after_backward(self, engine: "Engine", step: int) -> None:
+        """Gradients of step ``step`` (1-based) are reduced; nothing is checked or applied yet."""
+
+
+def default_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``model.loss`` when the model defines one (ours do), else cross-entropy."""
     if hasattr(model, "loss"):
         return model.loss
     return nn.functional.cross_entropy
 
 
 class Engine:
-    """Train ``model`` over ``mesh`` with data parallelism over the ``dp`` axis.
+    """Training, evaluation and state of one rank's part of a model.
 
-    ``grad_strategy`` is built from ``zero`` (0 = plain data parallel); the optimizer is created
-    by ``optimizer_factory`` over the parameter groups (``{"params": [...], "decay": bool}``, see
-    ``gigatrain.optim.param_groups``) that the strategy exposes.
+    Build it with ``gigatrain.api.parallelize`` or ``gigatrain.initialize``. It is a context
+    manager: leaving it (or ``close()``) releases what the strategy and the stages hold (host
+    buffers, NVMe files, hooks), and the process group if ``initialize`` created it.
     """
 
-    def __init__(self, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *,
-                 precision: PrecisionPolicy, grad_clip: float | None = None, zero: int = 0,
-                 bucket_mb: float = 25.0, loss_fn=None, strategy_options: dict | None = None,
-                 pipeline: PipelinePlan | None = None):
+    def __init__(self, model: nn.Module, *, mesh: Mesh, stages, strategy, placements: Placements,
+                 precision: PrecisionPolicy, grad_clip: float | None = None, loss_fn=None,
+                 hooks: Sequence[StepHook] = ()):
+        self.model = model
         self.mesh = mesh
         self.device = mesh.device
-        # With a pipeline each rank moves only its own stages to the device (in _build_pipeline).
-        self.model = model.to(self.device) if mesh.pp.size == 1 else model
+        self.stages = stages
+        self.strategy = strategy
+        self.placements = placements
         self.precision = precision
         self.grad_clip = grad_clip if grad_clip and grad_clip > 0 else None
-        self.loss_fn = loss_fn or _default_loss(model)
-        self.runtime = None
-        self.partition_text = ""
-        owned = self.model
-        if mesh.pp.size > 1:
-            owned = self._build_pipeline(pipeline or PipelinePlan())
-        self.owned = owned  # the parameters this rank trains, under their full-model names
-        self.strategy = build_grad_strategy(zero, owned, mesh, optimizer_factory, bucket_mb=bucket_mb,
-                                            precision=precision, **(strategy_options or {}))
-        self.optimizer = self.strategy.optimizer
+        self.loss_fn = loss_fn or default_loss(model)
+        self.hooks = list(hooks)
         self.scaler = DynamicLossScaler() if precision.loss_scaling else None
+        self.step_count = 0              # optimizer steps taken (or skipped); restored by ``load``
+        self.lr_schedule: Callable[[int], float] | None = None  # step -> lr, when none is given
+        self.config = None               # the Config it was built from (``initialize``)
+        self.owns_process_group = False  # ``initialize`` created it: ``close`` removes it
+        # Parameters another rank already counts in the global norm (tied copies; tensor-parallel
+        # replicas); the strategy sums over dp itself.
+        self._norm_skip = placements.not_counted_here(mesh.coords, axes=("pp", "tp"))
+        self._closed = False
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.strategy.optimizer
+
+    @property
+    def owned(self) -> nn.Module:
+        """The parameters this rank trains, under their full-model names."""
+        return self.stages.owned
+
+    @property
+    def partition_text(self) -> str:
+        return self.stages.partition_text
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.rank
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: feed it the ``dp_rank``-th share of a global batch."""
+        return self.mesh.coords["dp"]
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh.dims.dp
+
+    def _autocast(self):
+        return self.precision.autocast(self.device)
 
     # -- one optimizer step -------------------------------------------------------------------
-    def train_step(self, micro_batches: Sequence[Batch], lr: float,
-                   inject_overflow: bool = False) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Batch], lr: float | None = None) -> StepResult:
         """Forward and backward over this rank's micro-batches, then one optimizer step.
 
         Gradients are averaged over all micro-batches of all data-parallel ranks, i.e. over the
         global batch, exactly as one process with gradient accumulation would compute them.
-        A step whose loss or global gradient norm is NaN or inf is skipped on every rank
-        (``skipped`` and ``nonfinite`` set), except when the strategy already applied the update
-        during backward (CPU offload without clipping or loss scaling), which cannot be undone.
+        ``lr`` defaults to ``lr_schedule(step_count)`` (``gigatrain.initialize`` sets the
+        config's schedule). A step whose loss or global gradient norm is NaN or inf is skipped
+        on every rank (``skipped`` and ``nonfinite`` set), except when the strategy already
+        applied the update during backward (CPU offload without clipping or loss scaling).
         """
+        if lr is None:
+            if self.lr_schedule is None:
+                raise ValueError("train_step needs lr: this engine has no lr_schedule")
+            lr = self.lr_schedule(self.step_count)
         self.model.train()
+        self.step_count += 1
         scale = self.scaler.scale if self.scaler else 1.0
         # Strategies that can update during backward (CPU offload) need lr up front, and may
-        # only do so when nothing can still change the update: no clipping, no loss scaling.
-        # (Not under a pipeline, whose micro-batches reduce only after the whole schedule.)
-        overlapped = self.strategy.begin_step(lr, overlap=(self.grad_clip is None and self.scaler is None
-                                                           and self.runtime is None))
-        if self.runtime is None:
-            local_loss = self._local_forward_backward(micro_batches, scale)
-        else:
-            local_loss = self._pipeline_forward_backward(micro_batches, scale)
+        # only do so when nothing can still change the update: no clipping, no loss scaling, and
+        # gradients final at the end of backward (not under a pipeline schedule).
+        overlapped = self.strategy.begin_step(
+            lr, overlap=(self.grad_clip is None and self.scaler is None
+                         and self.stages.updates_may_overlap_backward))
+        local_loss = self.stages.forward_backward(micro_batches, scale, self.strategy, self.loss_fn,
+                                                  self._autocast)
         mean_loss = self._mean_over_dp(local_loss)
+        for hook in self.hooks:
+            hook.after_backward(self, self.step_count)
 
-        if inject_overflow:
-            self.strategy.grads()[0].view(-1)[0] = float("inf")
         skipped = False
         if self.scaler is not None:
             skipped = self.scaler.found_overflow(self.strategy.grads(), comm=self.mesh.world,
@@ -134,91 +175,18 @@ class Engine:
         self.strategy.step(lr, coef)
         self.strategy.zero_grad()
         return StepResult(mean_loss, norm, False, self.scaler.scale if self.scaler else None,
-                          self._bubble())
-
-    def _local_forward_backward(self, micro_batches: Sequence[Batch], scale: float) -> torch.Tensor:
-        """Gradient accumulation over this rank's micro-batches; only the last one communicates."""
-        n = len(micro_batches)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, (x, y) in enumerate(micro_batches):
-            self.strategy.set_sync(i == n - 1)
-            with self.precision.autocast(self.device):
-                out = self.model(x)
-                loss = self.loss_fn(out, y)
-            loss_sum += loss.detach().double()
-            (loss * (scale / n)).backward()
-            self.strategy.after_backward()
-        return loss_sum / n
-
-    # -- pipeline parallel ----------------------------------------------------------------------
-    def _build_pipeline(self, plan: PipelinePlan) -> nn.Module:
-        from .parallel.pipeline import (Partition, PipelineRuntime, build_schedule, build_stage_modules,
-                                        partition_model)
-
-        pp = self.mesh.pp
-        n_stages = pp.size * plan.virtual
-        part, text = partition_model(self.model, n_stages, plan.balance,
-                                     example_batch=plan.example_batch, pp=pp.size)
-        # Every rank must use the same cut; measured times differ per rank, so rank 0 decides.
-        bounds = torch.tensor(part.bounds, dtype=torch.int64, device=self.device)
-        self.mesh.world.broadcast(bounds, src=0)
-        if tuple(bounds.tolist()) != part.bounds:
-            part = Partition(tuple(bounds.tolist()))
-        for chunk in build_stage_modules(self.model, part, pp.rank, pp.size, plan.virtual):
-            chunk.to(self.device)
-        self.partition = part
-        self.partition_text = text
-        schedule = build_schedule(plan.schedule, pp.size, plan.microbatches, plan.virtual)
-        self._pp_scale = 1.0
-        self.runtime = PipelineRuntime(self.model, part, schedule, pp_group=pp,
-                                       virtual=plan.virtual, record=True,
-                                       loss_fn=lambda out, y: self.loss_fn(out, y) * self._pp_scale)
-        self._tied = self.runtime._tied if self.runtime._tie_peer is not None else []
-        return StagePart(self.model, self.runtime.parameters(), self.runtime.chunks)
-
-    def _pipeline_forward_backward(self, micro_batches: Sequence[Batch], scale: float) -> torch.Tensor:
-        """Run the schedule, accumulating locally, then reduce everything over dp at once.
-
-        The pipeline interleaves the backward passes of different micro-batches, so buckets are
-        not reduced during backward here; the tied-embedding gradient is completed by the runtime
-        first, then the strategy reduces all buckets.
-        """
-        self.strategy.set_sync(False)
-        self._pp_scale = scale
-        with self.precision.autocast(self.device):
-            loss = self.runtime.step(micro_batches)
-        self.strategy.reduce_accumulated()
-        return torch.tensor(loss / scale, dtype=torch.float64, device=self.device)
+                          self.stages.bubble())
 
     def _grad_sq_norm(self) -> float:
-        """Squared global gradient norm over every parameter of the model, each counted once."""
-        pp = self.mesh.pp
-        if pp.size == 1:
-            return self.strategy.grad_sq_norm()
-        # The tied embedding's gradient also lives on the first stage: count it there only.
-        exclude = self._tied if (self._tied and pp.rank == pp.size - 1) else ()
-        sq = self.strategy.grad_sq_norm(exclude=exclude) if exclude else self.strategy.grad_sq_norm()
-        t = torch.tensor([sq], dtype=torch.float64, device=self.device)
-        pp.all_reduce(t)
+        """Squared global gradient norm: what this rank owns, each parameter counted once
+        (placements decide where), summed over pp and tp (the strategy has summed over dp)."""
+        t = torch.tensor([self.strategy.grad_sq_norm(skip=self._norm_skip)], dtype=torch.float64,
+                         device=self.device)
+        self.mesh.pp.all_reduce(t)
+        self.mesh.tp.all_reduce(t)
         return float(t.item())
 
-    def _bubble(self) -> float | None:
-        """Measured bubble of the last pipeline step: 1 - sum(busy) / (pp x longest rank span)."""
-        if self.runtime is None or not self.runtime.records:
-            return None
-        comp = [r for r in self.runtime.records if r.action.is_compute]
-        busy = sum(r.end - r.start for r in comp)
-        span = max(r.end for r in comp) - min(r.start for r in comp)
-        t = torch.tensor([busy, span], dtype=torch.float64, device=self.device)
-        s = t.clone()
-        self.mesh.pp.all_reduce(s)                      # total busy
-        self.mesh.pp.all_reduce(t, op=torch.distributed.ReduceOp.MAX)   # longest span
-        return 1.0 - s[0].item() / (self.mesh.pp.size * t[1].item()) if t[1] > 0 else 0.0
-
-    def timeline_records(self) -> list:
-        """This rank's records of the last pipeline step (empty without a pipeline)."""
-        return list(self.runtime.records) if self.runtime is not None else []
-
+    # -- forward only ---------------------------------------------------------------------------
     @torch.no_grad()
     def forward_collective(self, x, post: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``post(model(x))`` computed with the whole model, returned on every rank of a pipeline.
@@ -229,10 +197,8 @@ class Engine:
         is produced (on the last stage), so only its result travels. Data-parallel ranks may pass
         different inputs and get their own results. The caller chooses train/eval mode.
         """
-        with self.precision.autocast(self.device):
-            if self.runtime is not None:
-                return self.runtime.forward_only(x, post)
-            return post(self.model(x))
+        with self._autocast():
+            return self.stages.forward(x, post)
 
     @torch.no_grad()
     def predict(self, x, post: Callable[[torch.Tensor], torch.Tensor] = lambda y: y) -> torch.Tensor:
@@ -277,10 +243,10 @@ class Engine:
             value /= dp.size
         return float(value.item())
 
-    # -- state for checkpoints ------------------------------------------------------------------
+    # -- state ----------------------------------------------------------------------------------
     def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """(parameters and persistent buffers by name, optimizer state by parameter name), full
-        and unsharded, on CPU."""
+        and unsharded, on CPU, for what this rank's stages hold. Collective over dp."""
         params, optim = self.strategy.full_state()
         params = dict(params)
         for name, b in self._owned_buffers().items():
@@ -302,30 +268,77 @@ class Engine:
                                          f"!= model {tuple(b.shape)}")
                     b.copy_(params[name])
 
+    def checkpoint_writes(self, name: str) -> bool:
+        """Whether this rank writes tensor ``name`` of ``full_state``: the canonical copy of its
+        placement, so each tensor is written by exactly one rank (buffers: dp = tp = 0)."""
+        if name in self.placements:
+            return self.placements.writes_here(name, self.mesh.coords)
+        c = self.mesh.coords
+        return c["dp"] == 0 and c["tp"] == 0
+
+    def checkpoint_part(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], str]:
+        """(parameters, optimizer state, file suffix) this rank writes to a checkpoint; collective
+        over dp. The suffix names this rank's files (one per pipeline stage)."""
+        params, optim = self.full_state()
+        mine = {n: t for n, t in params.items() if self.checkpoint_writes(n)}
+        part = f"-pp{self.mesh.coords['pp']}" if self.mesh.dims.pp > 1 else ""
+        return mine, {n: st for n, st in optim.items() if n in mine}, part
+
+    def save(self, root: str | Path, *, meta: dict | None = None, keep: int = 0) -> Path:
+        """Write checkpoint ``step_<step_count>`` under ``root``; collective, every rank calls it.
+
+        The files hold full tensors under full-model names, each written by one rank, so any
+        layout loads them. Saving is atomic: a crash leaves the previous checkpoint and
+        ``latest`` intact.
+        """
+        from . import checkpoint as ckpt
+
+        params, optim, part = self.checkpoint_part()
+        meta = dict(meta or {}, world_size=self.mesh.dims.world_size,
+                    loss_scaler=self.scaler.state_dict() if self.scaler else None)
+        return ckpt.save_checkpoint(root, self.step_count, rank=self.mesh.rank, world_comm=self.mesh.world,
+                                    params=params, optim=optim, meta=meta, device=self.device, keep=keep,
+                                    writes_tensors=bool(params), part=part)
+
+    def load(self, path: str | Path, *, rng: bool = True) -> int:
+        """Load a checkpoint directory written in any layout (parameters, optimizer state, loss
+        scale, and this rank's RNG state when ``rng``); returns its step, from which
+        ``step_count`` continues. Raises ``CheckpointError`` or ``ValueError`` when it does not fit."""
+        from . import checkpoint as ckpt
+
+        loaded = ckpt.load_checkpoint(path, self.mesh.rank)
+        self.load_full_state(loaded.params, loaded.optim)
+        if self.scaler is not None and loaded.meta.get("loss_scaler"):
+            self.scaler.load_state_dict(loaded.meta["loss_scaler"])
+        if rng and loaded.rng is not None:
+            ckpt.set_rng_state(loaded.rng, self.device)
+        self.step_count = loaded.step
+        return loaded.step
+
     def _owned_buffers(self) -> dict[str, torch.Tensor]:
         """Persistent buffers (e.g. BatchNorm statistics) of the modules this rank runs."""
         mine = {id(b) for b in self.owned.buffers()}
         return {n: b for n, b in persistent_buffers(self.model).items() if id(b) in mine}
 
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the strategy's and the stages' resources; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.strategy.close()
+        self.stages.close()
+        if self.owns_process_group:
+            import torch.distributed as dist
 
-class StagePart(nn.Module):
-    """The parameters one pipeline rank trains, named as in the full model.
+            from .distributed.launch import quiesce
 
-    Gradient strategies and checkpoints see only this rank's parameters, under the names they
-    have in the full model, so a checkpoint written by pipeline stages loads into any layout.
-    """
+            if dist.is_initialized():
+                quiesce(True)
+                dist.destroy_process_group()
 
-    def __init__(self, model: nn.Module, params, chunks):
-        super().__init__()
-        ids = {id(p) for p in params}
-        self._named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
-        self.chunks = nn.ModuleList(chunks)
+    def __enter__(self) -> "Engine":
+        return self
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        yield from ((prefix + n, p) for n, p in self._named)
-
-    def parameters(self, recurse: bool = True):
-        yield from (p for _, p in self._named)
-
-    def forward(self, *args, **kwargs):  # pragma: no cover - never called
-        raise RuntimeError("StagePart only groups parameters; the pipeline runtime runs the stages")
+    def __exit__(self, *exc) -> None:
+        self.close()

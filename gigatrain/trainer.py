@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +22,12 @@ from .distributed.launch import DistEnv, distributed, read_env
 from .distributed.comm import OpLog
 from .distributed.mesh import Mesh, ParallelDims
 from .distributed.watchdog import Watchdog, inject_hang
-from .engine import Engine, PipelinePlan
+from .api import parallelize
+from .engine import Engine, StepHook
 from .metrics import MetricsLogger, Progress, Timer, step_metrics
 from .models import build_model
 from .optim import build_optimizer, lr_at
-from .precision import PrecisionPolicy
+from .parallel.policies import plan_from_config
 
 
 @dataclass
@@ -42,6 +42,18 @@ class TrainResult:
     comm_sent: dict = field(default_factory=dict)
     stopped_by: int = 0                 # the signal that stopped the run early (see ``stop``)
     stop_checkpoint: str | None = None  # the checkpoint written when it stopped
+
+
+class InjectOverflow(StepHook):
+    """Fault injection (``debug.inject_overflow_step``): an inf in this rank's first gradient
+    tensor at one step, to exercise the fp16 loss scaler's skip on every rank."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_backward(self, engine: Engine, step: int) -> None:
+        if step == self.step:
+            engine.strategy.grads()[0].view(-1)[0] = float("inf")
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,17 +118,14 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None) 
     dataset = open_dataset(cfg.data, cfg.model.seq_len)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, vocab_size=getattr(dataset, "vocab_size", None))
-    policy = PrecisionPolicy.from_name(cfg.precision, device)
-    plan = None
-    if p.pp > 1:
-        plan = PipelinePlan(schedule=p.pp_schedule, microbatches=p.pp_microbatches or cfg.grad_accum,
-                            virtual=p.pp_virtual, balance=p.pp_balance,
-                            example_batch=(model.example_batch(t.micro_batch, generator=torch.Generator().manual_seed(0))
-                                           if p.pp_balance == "time" else None))
-    engine = Engine(model, mesh, lambda groups: build_optimizer(t, groups, device), pipeline=plan,
-                    precision=policy, grad_clip=t.grad_clip, zero=p.zero, bucket_mb=p.bucket_mb,
-                    strategy_options=({"offload": p.offload, "offload_dir": p.offload_dir}
-                                      if p.zero else None))
+    example = (model.example_batch(t.micro_batch, generator=torch.Generator().manual_seed(0))
+               if p.pp > 1 and p.pp_balance == "time" else None)
+    d = cfg.debug
+    hooks = ([InjectOverflow(d.inject_overflow_step)]
+             if d.inject_overflow_step is not None and rank == d.inject_overflow_rank else [])
+    engine = parallelize(model, mesh, lambda groups: build_optimizer(t, groups, device),
+                         plan_from_config(cfg, example), hooks=hooks)
+    policy = engine.precision
     if engine.partition_text and is_main and not quiet:
         print(engine.partition_text, flush=True)
 
@@ -148,9 +157,8 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None) 
             log.step = step + 1
             if cfg.debug.inject_hang_step == step + 1 and rank == cfg.debug.inject_hang_rank:
                 inject_hang()
-            inject = (cfg.debug.inject_overflow_step == step + 1 and rank == cfg.debug.inject_overflow_rank)
             with Timer(device) as tm:
-                res = engine.train_step(batches, lr, inject_overflow=inject)
+                res = engine.train_step(batches, lr)
             done = step + 1
             if stop is not None:
                 stop.step_done(done)
@@ -208,15 +216,19 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None) 
         logger.close()
 
     if result.stopped_by:
+        engine.close()
         return result  # asked to stop: no timeline or sample
     if p.pp > 1:
-        _write_timeline(engine, mesh, out, cfg, is_main)
+        title = (f"{p.pp_schedule}, pp={p.pp}" + (f", V={p.pp_virtual}" if p.pp_virtual > 1 else "")
+                 + f", {p.pp_microbatches or cfg.grad_accum} micro-batches (last step)")
+        engine.stages.write_timeline(out / "pipeline_timeline.png", title, is_main)
     # Every rank samples: no rank holds the whole model under ZeRO-3 or a pipeline.
     if model.tokens_per_sample > 1 and t.sample_tokens > 0 and hasattr(model, "generate"):
         result.sample = _sample_text(engine, model, dataset, device, t.sample_tokens, t.seed)
         if show:
             print("\n--- sample ---\n" + result.sample + "\n--------------", flush=True)
     result.comm_sent = mesh.stats.summary()
+    engine.close()
     return result
 
 
@@ -244,12 +256,7 @@ def _resume(cfg, engine: Engine, root: Path, rank: int, mesh: Mesh, device) -> i
         return 0
     error = ""
     try:
-        loaded = ckpt.load_checkpoint(path, rank)
-        engine.load_full_state(loaded.params, loaded.optim)
-        if engine.scaler is not None and loaded.meta.get("loss_scaler"):
-            engine.scaler.load_state_dict(loaded.meta["loss_scaler"])
-        if loaded.rng is not None:
-            ckpt.set_rng_state(loaded.rng, device)
+        engine.load(path)
     except (ckpt.CheckpointError, ValueError, KeyError, OSError) as e:
         error = f"cannot resume from {path}: {e}"
     ok = torch.tensor([0.0 if error else 1.0], device=device)
@@ -281,18 +288,10 @@ def _make_eval(cfg, engine: Engine, dp_rank: int, device):
 
 
 def _save(cfg, engine: Engine, root: Path, step: int, rank: int, mesh: Mesh, device) -> None:
-    params, optim = engine.full_state()
-    meta = {"config": cfg.model_dump(mode="json"),
-            "world_size": dist.get_world_size(),
-            "loss_scaler": engine.scaler.state_dict() if engine.scaler else None}
-    # One writer per pipeline stage (its first data/tensor-parallel rank), each its own file.
-    c = mesh.coords
-    writer = c["dp"] == 0 and c["tp"] == 0
-    part = f"-pp{c['pp']}" if mesh.dims.pp > 1 else ""
+    if step != engine.step_count:
+        raise RuntimeError(f"saving step {step} but the engine is at step {engine.step_count}")
     try:
-        ckpt.save_checkpoint(root, step, rank=rank, world_comm=mesh.world, params=params, optim=optim,
-                             meta=meta, device=device, keep=cfg.checkpoint.keep,
-                             writes_tensors=writer, part=part)
+        engine.save(root, meta={"config": cfg.model_dump(mode="json")}, keep=cfg.checkpoint.keep)
     except ckpt.NonFiniteCheckpointError as e:
         raise TrainingDiverged(str(e)) from None
 
@@ -320,35 +319,6 @@ def _diverged(cfg, root: Path, step: int, in_a_row: int, skipped: bool, is_main:
              if last is not None else "No good checkpoint was written: start again")
     return (f"{what} {where} with a lower train.lr (now {t.lr:g}), train.grad_clip set, or, with fp16, "
             f"precision=bf16 or fp32.")
-
-
-def _write_timeline(engine: Engine, mesh: Mesh, out: Path, cfg, is_main: bool) -> None:
-    """Gather the last step's action records of the first pipeline (dp = tp = 0) and plot them."""
-    from .parallel.pipeline import Record, plot_timeline
-    from .parallel.pipeline.schedules import B, F, W
-
-    kinds = {"F": 0, "B": 1, "W": 2}
-    recs = [r for r in engine.timeline_records() if r.action.is_compute]
-    dev = mesh.device
-    n = torch.tensor([len(recs)], dtype=torch.int64, device=dev)
-    mesh.pp.all_reduce(n, op=dist.ReduceOp.MAX)
-    rows = torch.full((int(n.item()), 5), -1.0, dtype=torch.float64)
-    for i, r in enumerate(recs):
-        rows[i] = torch.tensor([kinds[r.action.kind], r.action.stage, r.action.mb, r.start, r.end])
-    rows = rows.to(dev)
-    gathered = torch.empty((mesh.pp.size,) + tuple(rows.shape), dtype=torch.float64, device=dev)
-    mesh.pp.all_gather(gathered.view(-1), rows.view(-1))
-    gathered = gathered.cpu()
-    if not is_main:
-        return
-    cls = {0: F, 1: B, 2: W}
-    records = [Record(rank, cls[int(k)](int(s), int(m)), a, b)
-               for rank in range(mesh.pp.size) for k, s, m, a, b in gathered[rank].tolist() if k >= 0]
-    path = out / "pipeline_timeline.png"
-    p = cfg.parallel
-    title = (f"{p.pp_schedule}, pp={p.pp}" + (f", V={p.pp_virtual}" if p.pp_virtual > 1 else "")
-             + f", {p.pp_microbatches or cfg.grad_accum} micro-batches (last step)")
-    plot_timeline(records, path, title=title, n_ranks=mesh.pp.size)
 
 
 @torch.no_grad()

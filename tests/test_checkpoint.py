@@ -69,10 +69,9 @@ def test_engine_state_has_batchnorm_buffers():
     from dist_utils import one_process
 
     from gigatrain.distributed.mesh import Mesh, ParallelDims
-    from gigatrain.engine import Engine
     from gigatrain.models import build_model
     from gigatrain.optim import build_optimizer
-    from gigatrain.precision import PrecisionPolicy
+    from dist_utils import engine_for
 
     with one_process():
         cpu = torch.device("cpu")
@@ -82,8 +81,7 @@ def test_engine_state_has_batchnorm_buffers():
 
         def make():
             torch.manual_seed(0)
-            return Engine(build_model(mcfg), mesh, lambda g: build_optimizer(tcfg, g, cpu),
-                          precision=PrecisionPolicy.from_name("fp32", cpu))
+            return engine_for(build_model(mcfg), mesh, lambda g: build_optimizer(tcfg, g, cpu))
         a = make()
         a.train_step([a.model.example_batch(4)], lr=1e-3)
         params, optim = a.full_state()

@@ -1,7 +1,6 @@
 """Launch environment, mesh arithmetic (ladder 0) and mesh construction on a fake group (ladder 1)."""
 import pytest
 import torch
-import torch.distributed as dist
 
 from gigatrain.distributed import LayoutError, ParallelDims, expand_nodelist, read_env
 
@@ -45,19 +44,22 @@ def test_parallel_dims():
         ParallelDims(dp=0)
 
 
-@pytest.mark.parametrize("world,pp,tp", [(8, 2, 2), (64, 4, 4)])
-def test_mesh_on_fake_group(world, pp, tp):
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+@pytest.mark.rung1
+@pytest.mark.parametrize("dims,rank", [((2, 2, 2), 5), ((4, 4, 4), 37), ((8, 1, 8), 63)])
+def test_mesh_groups_at_scale_on_a_fake_group(fake_group, dims, rank):
+    """Mesh construction at 8-64 simulated ranks: each axis group holds the ranks that differ
+    from this one on that axis only, tp innermost."""
+    import torch
 
     from gigatrain.distributed.mesh import Mesh
-    rank = world - 1
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    try:
-        dims = ParallelDims.infer(world, pp=pp, tp=tp)
-        m = Mesh(dims, torch.device("cpu"))
-        assert m.dp.size == world // (pp * tp) and m.pp.size == pp and m.tp.size == tp
-        assert m.coords == dims.coords(rank)
-        expected = next(g for g in dims.group_ranks("pp") if rank in g)
-        assert m.pp.ranks == expected
-    finally:
-        dist.destroy_process_group()
+
+    pd = ParallelDims(*dims)
+    fake_group(pd.world_size, rank)
+    mesh = Mesh(pd, torch.device("cpu"))
+    assert mesh.coords == pd.coords(rank)
+    for axis in ("dp", "pp", "tp"):
+        comm = mesh.comm(axis)
+        mine = [g for g in pd.group_ranks(axis) if rank in g]
+        assert len(mine) == 1 and comm.ranks == mine[0] and comm.size == len(mine[0])
+        assert comm.rank == mine[0].index(rank)
+    assert mesh.tp.ranks == list(range(rank - rank % pd.tp, rank - rank % pd.tp + pd.tp))

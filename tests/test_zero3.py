@@ -58,16 +58,13 @@ def _micro(step: int, rank: int, world: int, accum: int):
 
 def _engine(model, mesh, opt: str, *, zero: int, clip=None, offload="none", offload_dir=None,
             precision="fp32"):
-    from gigatrain.engine import Engine
+    from dist_utils import engine_for
     from gigatrain.optim import build_optimizer
-    from gigatrain.precision import PrecisionPolicy
 
     dev = torch.device("cpu")
     tcfg = SimpleNamespace(optimizer=opt, lr=LR, weight_decay=0.1, betas=(0.9, 0.95), momentum=0.9)
-    opts = {"offload": offload, "offload_dir": offload_dir} if zero else None
-    return Engine(model, mesh, lambda groups: build_optimizer(tcfg, groups, dev),
-                  precision=PrecisionPolicy.from_name(precision, dev), zero=zero, grad_clip=clip,
-                  strategy_options=opts)
+    return engine_for(model, mesh, lambda groups: build_optimizer(tcfg, groups, dev), precision=precision,
+                      zero=zero, grad_clip=clip, offload=offload, offload_dir=offload_dir)
 
 
 class _Box:
@@ -104,13 +101,10 @@ class _Opaque(nn.Module):
 
 
 def _opaque_run(mesh, rank, world, zero):
-    from gigatrain.engine import Engine
-    from gigatrain.precision import PrecisionPolicy
+    from dist_utils import engine_for
 
-    dev = torch.device("cpu")
-    eng = Engine(_Opaque(), mesh, lambda g: torch.optim.SGD([{"params": x["params"]} for x in g], lr=0.1),
-                 precision=PrecisionPolicy.from_name("fp32", dev), zero=zero,
-                 loss_fn=lambda out, y: nn.functional.mse_loss(out.t, y))
+    eng = engine_for(_Opaque(), mesh, lambda g: torch.optim.SGD([{"params": x["params"]} for x in g], lr=0.1),
+                     zero=zero, loss_fn=lambda out, y: nn.functional.mse_loss(out.t, y))
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
     b = 8 // world
@@ -211,9 +205,11 @@ def _worker(rank: int, world: int, offload_root: str, ckpt_root: str, ckpt_in: s
     out["mem_numel"] = sum(p.numel() for p in eng.model.parameters())
 
     # fp16: an overflow on one rank skips the step on every rank and leaves the weights alone.
+    from gigatrain.trainer import InjectOverflow
     eng = _engine(_gpt(), mesh, "adamw", zero=3, precision="fp16")
     before, _ = eng.full_state()
-    r = eng.train_step(_micro(0, rank, world, 1), lr=LR, inject_overflow=(rank == world - 1))
+    eng.hooks = [InjectOverflow(1)] if rank == world - 1 else []
+    r = eng.train_step(_micro(0, rank, world, 1), lr=LR)
     after, _ = eng.full_state()
     out["fp16_skipped"] = r.skipped
     out["fp16_unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
@@ -384,7 +380,8 @@ def test_nvme_optimizer_matches_torch(tmp_path, kind):
     ref_state = torch.cat([ref_opt.state[q][key] for g in ref_opt.param_groups for q in g["params"]])
     assert torch.allclose(opt.read(key), ref_state, rtol=1e-6, atol=1e-9)
     folder = opt.folder
-    assert sorted(f.name for f in folder.iterdir()) == sorted(f"{k}.f32" for k in opt.keys)
+    # The state files, plus the owner record that lets a later run sweep the folder if we die.
+    assert sorted(f.name for f in folder.iterdir()) == sorted([f"{k}.f32" for k in opt.keys] + ["owner.json"])
     opt.close()
     assert not folder.exists() and opt.closed
 

@@ -52,8 +52,7 @@ def _batch(step, rank, world):
 
 def _run(rank, world, zero):
     from gigatrain.distributed.mesh import Mesh, ParallelDims
-    from gigatrain.engine import Engine
-    from gigatrain.precision import PrecisionPolicy
+    from dist_utils import engine_for
 
     dev = torch.device("cpu")
     mesh = Mesh(ParallelDims(dp=world), dev)
@@ -64,8 +63,7 @@ def _run(rank, world, zero):
         return torch.optim.SGD([{"params": g["params"], "weight_decay": 0.01 if g["decay"] else 0.0}
                                 for g in groups], lr=LR, momentum=0.9)
 
-    eng = Engine(model, mesh, factory, precision=PrecisionPolicy.from_name("fp32", dev), zero=zero,
-                 loss_fn=_loss, grad_clip=1.0)
+    eng = engine_for(model, mesh, factory, zero=zero, loss_fn=_loss, grad_clip=1.0)
     losses = [eng.train_step(_batch(s, rank, world), lr=LR).loss for s in range(STEPS)]
     info = {"tied": tied, "losses": losses}
     if zero == 3:

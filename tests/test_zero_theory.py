@@ -54,19 +54,17 @@ def fake_group():
 
 def _engine(world, stage, offload, precision, opt="adamw"):
     from gigatrain.distributed.mesh import Mesh, ParallelDims
-    from gigatrain.engine import Engine
+    from dist_utils import engine_for
     from gigatrain.models import build_model
     from gigatrain.optim import build_optimizer
-    from gigatrain.precision import PrecisionPolicy
 
     dev = torch.device("cpu")
     torch.manual_seed(0)
     model = build_model(SimpleNamespace(name="gpt", n_layer=2, n_head=4, d_model=128, seq_len=8), vocab_size=512)
     tcfg = SimpleNamespace(optimizer=opt, lr=1e-3, weight_decay=0.1, momentum=0.9, betas=(0.9, 0.95))
     mesh = Mesh(ParallelDims(dp=world), dev)
-    eng = Engine(model, mesh, lambda groups: build_optimizer(tcfg, groups, dev),
-                 precision=PrecisionPolicy.from_name(precision, dev), zero=stage, bucket_mb=0.25,
-                 strategy_options={"offload": offload} if stage else None)
+    eng = engine_for(model, mesh, lambda groups: build_optimizer(tcfg, groups, dev), precision=precision,
+                     zero=stage, bucket_mb=0.25, offload=offload)
     x, y = model.example_batch(1)
     eng.train_step([(x[:, :4], y[:, :4])], 1e-3)   # one real step on a tiny input
     return eng

@@ -157,21 +157,7 @@ def distributed(env: DistEnv, backend: str = "auto", timeout_s: float = 600.0,
     port is opened. ``timeout_s`` bounds every collective: a peer that died or diverged makes
     the others fail with a timeout instead of hanging forever.
     """
-    device = device or pick_device(env)
-    backend = pick_backend(backend, device)
-    timeout = datetime.timedelta(seconds=timeout_s)
-    created = False
-    if not dist.is_initialized():
-        if env.world_size == 1 and not env.is_distributed_launch:
-            store = dist.HashStore()
-            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
-        else:
-            os.environ.setdefault("MASTER_ADDR", env.master_addr)
-            os.environ.setdefault("MASTER_PORT", str(env.master_port))
-            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                    timeout=timeout,
-                                    device_id=device if device.type == "cuda" else None)
-        created = True
+    device, created = init_distributed(env, backend, timeout_s, device)
     ok = False
     try:
         yield device
@@ -180,6 +166,29 @@ def distributed(env: DistEnv, backend: str = "auto", timeout_s: float = 600.0,
         if created and dist.is_initialized():
             quiesce(ok)
             dist.destroy_process_group()
+
+
+def init_distributed(env: DistEnv, backend: str = "auto", timeout_s: float = 600.0,
+                     device: torch.device | None = None) -> tuple[torch.device, bool]:
+    """Create the default process group unless one exists; returns (device, created).
+
+    The caller that created it tears it down (``quiesce`` then ``destroy_process_group``);
+    ``distributed`` does both around a block.
+    """
+    device = device or pick_device(env)
+    if dist.is_initialized():
+        return device, False
+    backend = pick_backend(backend, device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.world_size == 1 and not env.is_distributed_launch:
+        store = dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    else:
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    return device, True
 
 
 def quiesce(all_ranks_alive: bool) -> None:

@@ -120,10 +120,12 @@ class Stage0Strategy:
     def grads(self) -> list[torch.Tensor]:
         return self.dp.grads()
 
-    def grad_sq_norm(self, exclude=()) -> float:
+    def grad_sq_norm(self, skip=()) -> float:
         sq = float(self.dp.grad_sq_norm())
-        for p in exclude:
-            sq -= float(p.grad.float().pow(2).sum())
+        # The gradients live in flat buckets: take the skipped ones back out of the total.
+        for n, p in self.model.named_parameters():
+            if n in skip:
+                sq -= float(p.grad.float().pow(2).sum())
         return sq
 
     def zero_grad(self) -> None:

@@ -14,7 +14,7 @@ One optimizer step, as the engine runs it::
         after_backward()
     (or, under a pipeline schedule: set_sync(False), the whole schedule, reduce_accumulated())
     grads()                                      fp16 overflow check
-    grad_sq_norm(exclude=...)                    global norm, clipping coefficient
+    grad_sq_norm(skip=...)                       global norm, clipping coefficient
     step(lr, grad_coef)  or, for a skipped step, nothing
     zero_grad()
 
@@ -23,7 +23,7 @@ One optimizer step, as the engine runs it::
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Collection, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ import torch.nn as nn
 if TYPE_CHECKING:
     from ..distributed.mesh import Mesh
     from ..precision import PrecisionPolicy
+    from .policies import OffloadPolicy, ZeroPolicy
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 """Builds the optimizer over parameter groups ``{"params": [...], "decay": bool}`` (see
@@ -78,10 +79,10 @@ class GradStrategy(Protocol):
         """The reduced gradient tensors this rank holds (after ``after_backward``), for the
         overflow check; every element of the model's gradient is in some rank's list."""
 
-    def grad_sq_norm(self, exclude: Iterable[nn.Parameter] = ()) -> float:
+    def grad_sq_norm(self, skip: Collection[str] = ()) -> float:
         """Squared L2 norm of the whole reduced gradient of the parameters this strategy was
-        given, the same on every rank of the group, leaving out the parameters in ``exclude``
-        (a tied weight another pipeline stage already counts)."""
+        given, the same on every rank of the group, leaving out the parameters named in
+        ``skip`` (placements say which: a tied copy another pipeline stage counts)."""
 
     def zero_grad(self) -> None:
         """Clear the gradients for the next step (also after a skipped step)."""
@@ -143,6 +144,17 @@ def build_grad_strategy(zero: int, model: nn.Module, mesh: Mesh, optimizer_facto
     raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero!r}")
 
 
+def apply_data_parallel(owned: nn.Module, mesh: Mesh, zero: ZeroPolicy, offload: OffloadPolicy, *,
+                        precision: PrecisionPolicy, optimizer_factory: OptimizerFactory,
+                        **stage_options) -> GradStrategy:
+    """The last ``apply_*`` step: data parallelism (or ZeRO stage ``zero.stage``, with
+    ``offload``) over ``mesh.dp`` for the parameters this rank trains (``owned``, under their
+    full-model names); the returned strategy owns the optimizer ``optimizer_factory`` builds."""
+    return build_grad_strategy(zero.stage, owned, mesh, optimizer_factory, bucket_mb=zero.bucket_mb,
+                               precision=precision, offload=offload.kind, offload_dir=offload.dir,
+                               **stage_options)
+
+
 def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Buffers that belong in a checkpoint (those ``state_dict`` keeps), by full name."""
     out = {}
@@ -151,3 +163,10 @@ def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
             if b is not None and bname not in m._non_persistent_buffers_set:
                 out.setdefault(f"{mname}.{bname}" if mname else bname, b)
     return out
+
+
+def param_ids(model: nn.Module, names: Collection[str]) -> set[int]:
+    """Identities of ``model``'s parameters named in ``names`` (full-model names)."""
+    if not names:
+        return set()
+    return {id(p) for n, p in model.named_parameters() if n in names}

@@ -59,6 +59,7 @@ import torch.nn as nn
 from ...distributed.mesh import Mesh
 from ...optim import decays
 from ...precision import PrecisionPolicy
+from ..strategy import param_ids
 from .buckets import Bucket, GradBuckets, remove_hooks
 from .offload import HostShard, Worker
 from .shards import (Segment, StateCodec, TorchStates, attach_pieces, decay_pieces, local_sq_norm, optimizer_over,
@@ -279,7 +280,7 @@ class ZeroStrategy:
         self.comm = mesh.dp
         self.device = mesh.device
         self.offload = offload == "cpu"
-        self.param_dtype = precision.compute_dtype or torch.float32
+        self.param_dtype = precision.param_dtype
         self._cuda = self.device.type == "cuda"
         n_ranks, rank = self.comm.size, self.comm.rank
 
@@ -456,13 +457,13 @@ class ZeroStrategy:
                 sh.event.synchronize()
                 sh.event = None
 
-    def grad_sq_norm(self, exclude=()) -> float:
+    def grad_sq_norm(self, skip=()) -> float:
         """Squared L2 norm of the full averaged gradient (shards summed over the dp group),
-        leaving out the parameters in ``exclude`` (e.g. a tied weight another stage counts)."""
-        skip = {id(p) for p in exclude}
+        leaving out the parameters named in ``skip`` (e.g. a tied weight another stage counts)."""
+        skip = param_ids(self.model, skip)
         if self._overlap is not None and self._overlap.submitted:
             if skip:
-                raise RuntimeError("exclude is not available with the overlapped host update")
+                raise RuntimeError("skip is not available with the overlapped host update")
             self._overlap.partials += self._worker.wait_all()
             local = float(sum(self._overlap.partials))
         else:

@@ -65,6 +65,7 @@ from ...distributed.comm import Comm
 from ...distributed.mesh import Mesh
 from ...optim import decays
 from ...precision import PrecisionPolicy
+from ..strategy import param_ids
 from .buckets import flat_layout, remove_hooks
 from .nvme import NVMeOptimizer, OptimizerSpec
 from .offload import HostBuffer, HostShard
@@ -182,7 +183,7 @@ class Stage3Strategy:
         self.offload_dir = offload_dir
         self.offload_chunk_mb = offload_chunk_mb
         self.prefetch = prefetch
-        self.dtype = precision.compute_dtype or torch.float32
+        self.dtype = precision.param_dtype
         self.bucket_bytes = max(0, int(bucket_mb * 2**20))
         self._sync = True
         self._pending: list[tuple] = []          # (work, unit, shard out, full grad buffer)
@@ -499,10 +500,10 @@ class Stage3Strategy:
     def grads(self) -> list[torch.Tensor]:
         return [self.grad]
 
-    def grad_sq_norm(self, exclude=()) -> float:
+    def grad_sq_norm(self, skip=()) -> float:
         """Squared L2 norm of the full averaged gradient (shards summed over the dp group),
-        leaving out the parameters in ``exclude``."""
-        skip = {id(p) for p in exclude}
+        leaving out the parameters named in ``skip``."""
+        skip = param_ids(self.model, skip)
         if skip:
             local = local_sq_norm(self.units, lambda u: self.grad[u.shard], skip)
         else:
