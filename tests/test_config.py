@@ -94,6 +94,7 @@ OVERRIDES = [
     ("model.n_head", ["model.n_head=8"], 8),
     ("model.d_model", ["model.d_model=256"], 256),
     ("model.seq_len", ["model.seq_len=64"], 64),
+    ("model.vocab_size", ["model.vocab_size=50257"], 50257),
     ("model.dropout", ["model.dropout=0.1"], 0.1),
     ("model.image_size", ["model.image_size=32"], 32),
     ("model.in_chans", ["model.in_chans=3"], 3),
