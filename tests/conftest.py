@@ -31,6 +31,14 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {text}")
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test without a rung marker is rung 1 when it uses ``fake_group``, else rung 0: the
+    marker then selects every test (``-m rung0``, ``-m "not rung3"``)."""
+    for item in items:
+        if not any(item.get_closest_marker(r) for r in RUNGS):
+            item.add_marker(pytest.mark.rung1 if "fake_group" in item.fixturenames else pytest.mark.rung0)
+
+
 @pytest.fixture
 def fake_group():
     """``fake_group(world, rank=0)``: a fake default process group in this process (torch's

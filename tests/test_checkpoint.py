@@ -1,6 +1,7 @@
 """Checkpoint files, rotation, the latest pointer, buffers, and metrics on resume (ladder 0)."""
 import json
 
+import pytest
 import torch
 
 from gigatrain import checkpoint as ckpt
@@ -63,6 +64,7 @@ def test_metrics_resume_drops_steps_after_the_checkpoint(tmp_path):
     assert steps == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.rung3
 def test_engine_state_has_batchnorm_buffers():
     from types import SimpleNamespace
 

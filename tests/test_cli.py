@@ -63,6 +63,7 @@ def test_pickle_checkpoint_is_never_unpickled(tmp_path, capsys):
     assert not marker.exists()
 
 
+@pytest.mark.rung3
 def test_cli_subprocess_clean_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gigatrain", "train", "train.global_batch=7", "--nproc", "2",
                         f"out={tmp_path}"], capture_output=True, text=True, timeout=120)

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.rung3
+
 LAYOUTS = {
     "dp2-zero0": [],
     "dp2-zero1": ["parallel.zero=1"],

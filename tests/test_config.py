@@ -18,6 +18,8 @@ from gigatrain.config import (
     resolve_for_world,
 )
 
+pytestmark = pytest.mark.rung0
+
 PYDANTIC_NOISE = ("validation error", "pydantic", "input_value", "input_type", "For further information",
                   "type=", "Value error,", "Traceback", "\n")
 

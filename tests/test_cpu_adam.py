@@ -280,6 +280,7 @@ def _spawn(env_extra):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.rung3
 def test_build_is_shared_by_concurrent_processes(tmp_path):
     # Two processes start at once on an empty cache: both must get the kernel, built once.
     cache = tmp_path / "ext"

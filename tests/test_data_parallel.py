@@ -3,6 +3,9 @@ import torch
 import torch.nn as nn
 
 from dist_utils import spawn
+import pytest
+
+pytestmark = pytest.mark.rung3
 
 
 def _toy(seed=0):

@@ -2,6 +2,9 @@
 from pathlib import Path
 
 from gigatrain.config import config_reference
+import pytest
+
+pytestmark = pytest.mark.rung0
 
 
 def test_readme_config_reference_is_current():

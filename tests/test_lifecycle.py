@@ -18,6 +18,7 @@ import pytest
 from gigatrain.cli import main, nproc_warning
 from gigatrain.distributed.launch import EXIT_FAILED, EXIT_STOPPED, free_port
 
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.seq_len=32", "data.name=pystdlib",
         "data.max_chars=200000", "train.sample_tokens=0", "precision=fp32", "--quiet"]

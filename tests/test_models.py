@@ -15,6 +15,8 @@ from gigatrain.models import MODEL_NAMES, CoAtNet, build_model
 from gigatrain.models.coatnet import MBConv, RelativeAttention, RelTransformerBlock, relative_position_index
 from gigatrain.models.gpt import SelfAttention
 
+pytestmark = pytest.mark.rung0
+
 VOCAB = 50  # padded to 64 inside GPT
 
 

@@ -82,6 +82,8 @@ def _train(kind, V, M, mb_size, pp_group, dp_group=None, dp_rank=0, dp=1, record
 
 
 def _compare(losses, params, ref_losses, ref_params):
+    if len(losses) != len(ref_losses) or not losses:   # a short run must not compare as equal
+        return float("inf"), float("inf")
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
     param_err = max(((params[n] - ref_params[n]).abs().max() / ref_params[n].abs().max().clamp_min(1e-12)).item()
                     for n in params)
@@ -160,6 +162,7 @@ def _check(results, tol=1e-5):
         assert param_err < tol, f"{case}: parameters differ from one process by {param_err:.2e}"
 
 
+@pytest.mark.rung3
 def test_pipeline_matches_one_process_pp2_and_timeline(tmp_path):
     from gigatrain.parallel.pipeline.timeline import measured_bubble, plot_timeline
 
@@ -180,6 +183,7 @@ def test_pipeline_matches_one_process_pp2_and_timeline(tmp_path):
     assert png.stat().st_size > 5000
 
 
+@pytest.mark.rung3
 def test_pipeline_matches_one_process_pp4_and_dp2xpp2():
     results = spawn(_world4, 4)
     for r in results:

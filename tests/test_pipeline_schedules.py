@@ -14,6 +14,8 @@ from gigatrain.parallel.pipeline.schedules import (
 from gigatrain.parallel.pipeline.simulate import Costs, DeadlockError, simulate, validate_schedule
 from gigatrain.parallel.pipeline.timeline import measured_bubble, plot_timeline
 
+pytestmark = pytest.mark.rung0
+
 
 def _valid_cases():
     for kind in KINDS:

@@ -19,6 +19,8 @@ from gigatrain import checkpoint as ckpt
 from gigatrain.cli import main
 from gigatrain.rundir import LOCK_FILE, OWNER_FILE
 
+pytestmark = pytest.mark.rung3
+
 BASE = ["model.n_layer=1", "model.d_model=16", "model.n_head=2", "model.seq_len=16",
         "data.name=pystdlib", "data.max_chars=50000", "train.steps=2", "train.sample_tokens=0",
         "--quiet"]

@@ -8,8 +8,10 @@ import math
 
 import pytest
 
-from dist_utils import spawn
+from dist_utils import assert_curves_close, spawn
 from gigatrain.config import load_config
+
+pytestmark = pytest.mark.rung3
 
 
 def tiny(tmp, *extra):
@@ -18,10 +20,6 @@ def tiny(tmp, *extra):
         "data.name=pystdlib", "data.max_chars=200000", f"data.cache_dir={tmp}/cache",
         "train.steps=10", "train.global_batch=8", "train.micro_batch=4", "train.warmup_steps=2",
         "train.sample_tokens=0", "precision=fp32", "nproc=null", f"out={tmp}/run", *extra])
-
-
-def _rel(a, b):
-    return abs(a - b) / max(abs(b), 1e-12)
 
 
 def _two_rank_cases(rank, world, tmp):
@@ -66,23 +64,20 @@ def test_loss_parity_sgd(runs):
     assert len(one["sgd"]) == 10
     assert one["sgd"][-1] < one["sgd"][0]          # it learns
     for r in two:
-        for a, b in zip(r["sgd"], one["sgd"]):
-            assert _rel(a, b) < 1e-5, (r["sgd"], one["sgd"])
+        assert_curves_close(r["sgd"], one["sgd"], rtol=1e-5)
 
 
 def test_zero_stages_through_the_config(runs):
     _, one, two = runs
     for r in two:
         for key in ("zero1-none", "zero2-cpu", "zero3-cpu", "zero3-nvme"):
-            for a, b in zip(r[key], one["sgd"]):
-                assert _rel(a, b) < 1e-5, (key, r[key], one["sgd"])
+            assert_curves_close(r[key], one["sgd"], rtol=1e-5, what=key)
 
 
 def test_loss_parity_adamw(runs):
     _, one, two = runs
     for r in two:
-        for a, b in zip(r["adamw"], one["adamw"]):
-            assert _rel(a, b) < 1e-4, (r["adamw"], one["adamw"])
+        assert_curves_close(r["adamw"], one["adamw"], rtol=1e-4)
 
 
 def test_exact_resume(runs):

@@ -11,6 +11,8 @@ import pytest
 from dist_utils import spawn
 from test_train import tiny
 
+pytestmark = pytest.mark.rung3
+
 
 def _rel(a, b):
     return abs(a - b) / max(abs(b), 1e-12)

@@ -232,6 +232,7 @@ def _records(rank, world):
             "overflow": overflow, "sent": dict(comm.stats.sent)}
 
 
+@pytest.mark.rung3
 def test_comm_records_real_collectives_and_messages():
     r0, r1 = spawn(_records, 2, timeout_s=30)
     assert r0["entered"] == {"world[0,1]": 5, "world[0>1]": 1, "world[1>0]": 1}
@@ -243,6 +244,7 @@ def test_comm_records_real_collectives_and_messages():
 
 # ---- rung 3: the CLI with an injected hang ----------------------------------------------------
 
+@pytest.mark.rung3
 def test_cli_names_the_hung_rank_and_exits(tmp_path):
     cmd = [sys.executable, "-m", "gigatrain", "train", "--nproc", "2", "--out", str(tmp_path / "run"),
            "train.steps=20", "train.sample_tokens=0", "debug.inject_hang_rank=1", "debug.inject_hang_step=3",

@@ -283,6 +283,15 @@ class Comm:
         if self.size > 1:
             self._recorded("barrier", [], lambda: dist.barrier(group=self.group), False)
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's picklable ``obj``, in group rank order. For rare, small messages (an
+        error text every rank must show); the bytes are not counted, the op is recorded."""
+        if self.size == 1:
+            return [obj]
+        out: list = [None] * self.size
+        self._recorded("all_gather_object", [], lambda: dist.all_gather_object(out, obj, group=self.group), False)
+        return out
+
     def _p2p_channel(self, src: int, dst: int) -> str:
         key = (src, dst)
         ch = self._p2p_channels.get(key)
