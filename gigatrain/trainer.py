@@ -263,8 +263,7 @@ def _resume(cfg, engine: Engine, root: Path, rank: int, mesh: Mesh, device) -> i
     mesh.world.all_reduce(ok, op=dist.ReduceOp.MIN)
     if ok.item() < 1:
         # Rank 0 speaks for the job, so it must show the failing rank's own words (they name the file).
-        errors: list = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
+        errors = mesh.world.all_gather_object(error)
         first = next(r for r, e in enumerate(errors) if e)
         raise ckpt.CheckpointError(errors[first] if first == rank else f"rank {first}: {errors[first]}")
     return step
