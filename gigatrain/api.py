@@ -26,7 +26,7 @@ from .parallel.pipeline.stages import apply_pipeline
 from .parallel.placement import Placements
 from .parallel.policies import ParallelPlan, plan_from_config
 from .parallel.strategy import apply_data_parallel
-from .parallel.tensor import apply_tensor_parallel
+from .parallel.tensor import apply_tensor_parallel, output_gather
 from .precision import PrecisionPolicy
 
 __all__ = ["initialize", "parallelize"]
@@ -36,7 +36,8 @@ def parallelize(model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactor
                 loss_fn: Callable | None = None, hooks: Sequence[StepHook] = ()) -> Engine:
     """Apply ``plan`` to ``model`` in place, in a fixed order, and return the engine.
 
-    1. ``apply_tensor_parallel`` over ``mesh.tp`` (rewrites layers from the model's ``tp_plan``);
+    1. ``apply_tensor_parallel`` over ``mesh.tp`` (rewrites layers from the model's ``tp_plan``;
+       a vocabulary-split model gets the vocabulary-parallel loss as ``model.loss``);
     2. ``apply_pipeline`` over ``mesh.pp`` (this rank's stages move to the device);
     3. ``apply_data_parallel`` over ``mesh.dp`` (data parallel or a ZeRO stage, with offload),
        which builds the optimizer with ``optimizer_factory``.
@@ -53,7 +54,8 @@ def parallelize(model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactor
     strategy = apply_data_parallel(stages.owned, mesh, plan.zero, plan.offload, precision=precision,
                                    optimizer_factory=optimizer_factory)
     return Engine(model, mesh=mesh, stages=stages, strategy=strategy, placements=stages.placements,
-                  precision=precision, grad_clip=plan.grad_clip, loss_fn=loss_fn, hooks=hooks)
+                  precision=precision, grad_clip=plan.grad_clip, loss_fn=loss_fn, hooks=hooks,
+                  output_gather=output_gather(model))
 
 
 def initialize(model: nn.Module, config: str | os.PathLike | dict | Any = None, *,

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .distributed.mesh import Mesh
 from .parallel.placement import Placements
+from .parallel.resharding import gather_shards, local_shards
 from .parallel.strategy import OptimizerFactory, persistent_buffers
 from .precision import DynamicLossScaler, PrecisionPolicy
 
@@ -70,7 +71,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, *, mesh: Mesh, stages, strategy, placements: Placements,
                  precision: PrecisionPolicy, grad_clip: float | None = None, loss_fn=None,
-                 hooks: Sequence[StepHook] = ()):
+                 hooks: Sequence[StepHook] = (),
+                 output_gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model = model
         self.mesh = mesh
         self.device = mesh.device
@@ -89,6 +91,10 @@ class Engine:
         # Parameters another rank already counts in the global norm (tied copies; tensor-parallel
         # replicas); the strategy sums over dp itself.
         self._norm_skip = placements.not_counted_here(mesh.coords, axes=("pp", "tp"))
+        # Checkpoints hold whole tensors: each is written where its gathered copy is canonical.
+        self._saved_placements = placements.gathered()
+        # Makes a split model output whole (tensor-parallel logits); identity otherwise.
+        self.output_gather = output_gather or (lambda y: y)
         self._closed = False
 
     @property
@@ -203,8 +209,10 @@ class Engine:
     @torch.no_grad()
     def predict(self, x, post: Callable[[torch.Tensor], torch.Tensor] = lambda y: y) -> torch.Tensor:
         """Like ``forward_collective``, with the result of data-parallel rank 0 returned on every
-        rank, so that decisions taken from it (a sampled token) agree everywhere."""
-        out = self.forward_collective(x, post).contiguous()
+        rank, so that decisions taken from it (a sampled token) agree everywhere, and made whole
+        where the model's output is split (``output_gather``: tensor-parallel logits). ``post``
+        must keep the output's last dimension (``lambda y: y[:, -1]``)."""
+        out = self.output_gather(self.forward_collective(x, post)).contiguous()
         self.mesh.dp.broadcast(out, src=0)
         return out
 
@@ -246,16 +254,19 @@ class Engine:
     # -- state ----------------------------------------------------------------------------------
     def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """(parameters and persistent buffers by name, optimizer state by parameter name), full
-        and unsharded, on CPU, for what this rank's stages hold. Collective over dp."""
+        and unsharded, on CPU, for what this rank's stages hold. Collective over dp and over the
+        axes that shard parameters (tp)."""
         params, optim = self.strategy.full_state()
         params = dict(params)
         for name, b in self._owned_buffers().items():
             params[name] = b.detach().to("cpu").clone()
-        return params, optim
+        return gather_shards(params, optim, self.placements, self.mesh)
 
     def load_full_state(self, params: dict[str, torch.Tensor],
                         optim: dict[str, dict[str, torch.Tensor]] | None) -> None:
         """Load state saved by ``full_state`` in any layout; a mismatch raises ``ValueError``."""
+        params, optim = local_shards(params, optim, self.placements, self.mesh.coords,
+                                     {"dp": self.mesh.dims.dp, "pp": self.mesh.dims.pp, "tp": self.mesh.dims.tp})
         try:
             self.strategy.load_full_state(params, optim)
         except KeyError as e:
@@ -271,8 +282,8 @@ class Engine:
     def checkpoint_writes(self, name: str) -> bool:
         """Whether this rank writes tensor ``name`` of ``full_state``: the canonical copy of its
         placement, so each tensor is written by exactly one rank (buffers: dp = tp = 0)."""
-        if name in self.placements:
-            return self.placements.writes_here(name, self.mesh.coords)
+        if name in self._saved_placements:
+            return self._saved_placements.writes_here(name, self.mesh.coords)
         c = self.mesh.coords
         return c["dp"] == 0 and c["tp"] == 0
 

@@ -244,7 +244,8 @@ def test_tp_plan_names_real_modules(name):
         hits = [n for n in modules if fnmatch.fnmatchcase(n, pattern)]
         assert hits, f"{pattern} matches no module"
         for n in hits:
-            want = nn.Embedding if style == "vocab" else nn.Linear
+            want = {"vocab": nn.Embedding, "colwise": nn.Linear, "rowwise": nn.Linear,
+                    "sequence_norm": nn.LayerNorm, "sequence_scatter": nn.Module}[style]
             assert isinstance(modules[n], want), (n, style)
     n_attn = sum(hasattr(b, "attn") for b in model.blocks)
     assert n_attn > 0 and sum(fnmatch.fnmatchcase(n, "blocks.*.attn.qkv") for n in modules) == n_attn

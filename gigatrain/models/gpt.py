@@ -18,13 +18,20 @@ import torch.nn.functional as F
 
 __all__ = ["SelfAttention", "MLP", "Block", "GPT", "GPTStem", "GPTHead", "GPT_TP_PLAN"]
 
-# Module-name patterns (fnmatch) -> how tensor parallelism splits them.
+# Module-name patterns (fnmatch) -> how tensor parallelism splits them (styles: see
+# gigatrain.parallel.tensor.apply). The LM head shares the token embedding, so it follows "vocab".
 GPT_TP_PLAN = {
     "blocks.*.attn.qkv": "colwise",
     "blocks.*.attn.proj": "rowwise",
     "blocks.*.mlp.fc": "colwise",
     "blocks.*.mlp.proj": "rowwise",
     "stem.wte": "vocab",
+    # Sequence parallelism: the residual stream is cut along the sequence after the stem, and the
+    # LayerNorms between the tensor-parallel regions run on those shards.
+    "stem": "sequence_scatter",
+    "blocks.*.ln1": "sequence_norm",
+    "blocks.*.ln2": "sequence_norm",
+    "head.ln_f": "sequence_norm",
 }
 
 
@@ -51,8 +58,11 @@ class SelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, -1, 3, self.head_dim)  # heads = local heads under TP
+        qkv = self.qkv(x)
+        # Shapes from the qkv output: under tensor parallelism it holds this rank's heads, and
+        # under sequence parallelism the whole sequence while ``x`` holds a slice of it.
+        B, T = qkv.shape[:2]
+        qkv = qkv.view(B, T, -1, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, H, T, hd]
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0

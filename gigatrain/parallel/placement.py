@@ -90,6 +90,12 @@ class Placements(Mapping[str, Placement]):
         axes = tuple(axes)
         return frozenset(n for n, p in self._items.items() if not p.canonical(coords, axes))
 
+    def gathered(self) -> "Placements":
+        """The placements of the whole tensors once every shard is gathered (as checkpoints hold
+        them): each shard axis becomes an axis of identical copies."""
+        return Placements({n: p if p.shard is None else replace(p, shard=None, replicated=p.replicated + (p.shard[0],))
+                           for n, p in self._items.items()})
+
     def writes_here(self, name: str, coords: Mapping[str, int]) -> bool:
         """Whether this rank writes ``name`` to a checkpoint: the canonical copy along every
         axis, so each parameter (each tensor-parallel slice) is written exactly once."""
