@@ -4,6 +4,7 @@
     gigatrain config [CONFIG] [key=value ...]      print the resolved config
     gigatrain config --reference                   print every key as a Markdown table
     gigatrain data [CONFIG] [key=value ...]         download/tokenize the dataset once
+    gigatrain plan [CONFIG] [key=value ...] --gpus N --gpu NAME   best layout, before launch
 
 Bad input (config, layout, checkpoint) ends with one readable paragraph and exit code 2, before
 any training starts, never with a traceback. So does every failure during training: one
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     cf.add_argument("--reference", action="store_true")
     da = sub.add_parser("data", help="prepare (download and tokenize) the configured dataset")
     da.add_argument("items", nargs="*")
+    from .planner.cli import add_plan_parser
+    add_plan_parser(sub)
     return ap
 
 
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     from .rundir import RunDirError
 
     try:
+        if args.cmd == "plan":
+            from .planner.cli import run_plan
+            return run_plan(args, _split_args)
         path, overrides = _split_args(args.items)
         if args.cmd == "config" and args.reference:
             from .config import config_reference
