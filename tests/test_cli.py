@@ -21,7 +21,9 @@ BASE = ["model.n_layer=1", "model.d_model=16", "model.n_head=2", "model.seq_len=
     (["train.stop_after=50"], "train.stop_after"),
     (["parallel.zero=7"], "parallel.zero"),
     (["parallel.zero=2", "parallel.offload=nvme"], "nvme"),
-    (["parallel.tp=2", "--nproc", "2"], "parallel.tp"),
+    (["parallel.tp=4", "--nproc", "4"], "model.n_head (2) is not divisible by parallel.tp (4)"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=15", "--nproc", "2"], "model.seq_len (15)"),
+    (["parallel.tp=2", "--nproc", "3"], "parallel.tp"),          # world not dp x pp x tp
     (["model.name=vit"], "data"),                            # image model on a text corpus
     (["resume=/nonexistent/ckpt"], "resume"),
 ])

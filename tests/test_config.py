@@ -133,6 +133,7 @@ OVERRIDES = [
     ("parallel.dp", ["parallel.dp=4"], 4),
     ("parallel.pp", ["parallel.pp=2"], 2),
     ("parallel.tp", ["parallel.tp=2"], 2),
+    ("parallel.sequence_parallel", ["parallel.sequence_parallel=true"], True),
     ("parallel.zero", ["parallel.zero=3"], 3),
     ("parallel.offload", ["parallel.zero=2", "parallel.offload=cpu"], "cpu"),
     ("parallel.offload_dir", ["parallel.offload_dir=/scratch/off"], "/scratch/off"),
@@ -463,8 +464,8 @@ def test_check_supported():
     assert SUPPORTED["parallel.zero"] == {0, 1, 2, 3}
     check_supported(Config())
     check_supported(load_config(None, ["parallel.zero=3", "parallel.offload=cpu"]))
-    msg = error_of(check_supported, load_config(None, ["parallel.zero=1", "parallel.offload=cpu", "parallel.tp=2"]))
-    assert "parallel.tp=2 is not implemented yet (supported: 1)" in msg and "parallel.zero" not in msg
+    check_supported(load_config(None, ["parallel.zero=1", "parallel.tp=2", "parallel.sequence_parallel=true"]))
+    assert "parallel.tp" not in SUPPORTED  # every tp the model's shapes allow (checked by the schema)
 
 
 def test_check_supported_follows_table(monkeypatch):

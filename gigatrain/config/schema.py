@@ -103,7 +103,8 @@ class ParallelConfig(_Section):
 
     dp: Optional[int] = Field(None, ge=1, description="Data-parallel degree (null = world size / (pp x tp)).")
     pp: int = Field(1, ge=1, description="Pipeline-parallel degree (stages).")
-    tp: int = Field(1, ge=1, description="Tensor-parallel degree.")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree: attention heads, MLP width and vocabulary split over tp ranks (innermost in the rank order, so a tp group stays inside a node). Must divide `model.n_head`, `model.d_model` and the padded vocabulary.")
+    sequence_parallel: bool = Field(False, description="With tp > 1 (gpt): LayerNorms and the residual stream between the tensor-parallel regions are cut along the sequence, their all-reduces become reduce-scatter + all-gather, and their activation memory is divided by tp; `model.seq_len` must be divisible by `parallel.tp`.")
     zero: int = Field(0, ge=0, le=3, description="ZeRO stage: 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters).")
     offload: Literal["none", "cpu", "nvme"] = Field("none", description="Where ZeRO keeps optimizer state: `none` (device), `cpu` or `nvme`; needs `parallel.zero` >= 1.")
     offload_dir: Optional[str] = Field(None, description="Folder for nvme offload (null = `<out>/offload`).")
@@ -289,9 +290,7 @@ def _cross_problems(cfg: Config) -> list[str]:
     if n_blocks is not None and n_stages > n_blocks:
         p.append(f"parallel.pp x parallel.pp_virtual = {n_stages} stages but the model has only {n_blocks} blocks "
                  f"({_blocks_key(m)}): use a deeper model or lower pp/pp_virtual.")
-    if par.tp > 1 and m.name in ("gpt", "vit") and m.n_head % par.tp:
-        p.append(f"model.n_head ({m.n_head}) is not divisible by parallel.tp ({par.tp}): tensor parallel splits "
-                 "attention heads, so choose a tp that divides n_head.")
+    p += _tensor_parallel_problems(m, par)
 
     # debug
     if cfg.debug.inject_overflow_step is not None and cfg.debug.inject_overflow_step > t.steps:
@@ -300,6 +299,43 @@ def _cross_problems(cfg: Config) -> list[str]:
     if cfg.debug.inject_hang_step is not None and cfg.debug.inject_hang_step > t.steps:
         p.append(f"debug.inject_hang_step ({cfg.debug.inject_hang_step}) is after the last step "
                  f"({t.steps}): choose a step between 1 and {t.steps}.")
+    return p
+
+
+# Layers tensor parallelism splits: GPT pads its vocabulary to a multiple of this, and CoAtNet's
+# stages are convolutional except for the last two (layout "CCTT").
+GPT_VOCAB_MULTIPLE = 64
+COATNET_LAYOUT = "CCTT"
+
+
+def _tensor_parallel_problems(m: ModelConfig, par: ParallelConfig) -> list[str]:
+    """What parallel.tp (and sequence_parallel) cannot split in this model."""
+    tp, p = par.tp, []
+    if tp == 1:
+        return p
+    if m.n_head % tp:
+        p.append(f"model.n_head ({m.n_head}) is not divisible by parallel.tp ({tp}): tensor parallel splits "
+                 "attention heads, so choose a tp that divides n_head.")
+    if m.name in ("gpt", "vit"):
+        widths = {"model.d_model": m.d_model, "the MLP width (4 x model.d_model)": 4 * m.d_model}
+    else:
+        widths = {f"model.coatnet_dims[{i}] (a transformer stage)": d
+                  for i, (d, kind) in enumerate(zip(m.coatnet_dims, COATNET_LAYOUT)) if kind == "T"}
+    for what, n in widths.items():
+        if n % tp:
+            p.append(f"{what} ({n}) is not divisible by parallel.tp ({tp}): tensor parallel splits it, so "
+                     "choose a tp that divides it.")
+    if m.name == "gpt" and GPT_VOCAB_MULTIPLE % tp:
+        p.append(f"parallel.tp ({tp}) does not divide the padded vocabulary (a multiple of {GPT_VOCAB_MULTIPLE}): "
+                 "tensor parallel splits the vocabulary, so choose tp among 1, 2, 4, 8, 16, 32, 64.")
+    if par.sequence_parallel:
+        if m.name != "gpt":
+            p.append(f"parallel.sequence_parallel=true is implemented for model.name=gpt, not {m.name}: "
+                     "set parallel.sequence_parallel=false.")
+        elif m.seq_len % tp:
+            p.append(f"model.seq_len ({m.seq_len}) is not divisible by parallel.tp ({tp}): sequence parallel cuts "
+                     "the sequence into tp equal parts; choose a seq_len that is a multiple of tp or set "
+                     "parallel.sequence_parallel=false.")
     return p
 
 

@@ -19,7 +19,6 @@ from .loading import config_from_dict
 SUPPORTED: dict[str, Optional[set]] = {
     "parallel.zero": {0, 1, 2, 3},
     "parallel.pp": None,
-    "parallel.tp": {1},
     "parallel.offload": {"none", "cpu", "nvme"},
 }
 
