@@ -123,6 +123,8 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None) 
     d = cfg.debug
     hooks = ([InjectOverflow(d.inject_overflow_step)]
              if d.inject_overflow_step is not None and rank == d.inject_overflow_rank else [])
+    # The whole model's FLOPs, counted before tensor parallelism leaves only this rank's slices.
+    flops = float(model.train_flops_per_sample())
     engine = parallelize(model, mesh, lambda groups: build_optimizer(t, groups, device),
                          plan_from_config(cfg, example), hooks=hooks)
     policy = engine.precision
@@ -142,7 +144,6 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None) 
     unit = "tok/s" if model.tokens_per_sample > 1 else "samples/s"
     bar = Progress(end, start, enabled=show, unit=unit, log_every=t.log_every)
     result = TrainResult(start_step=start, last_step=start)
-    flops = float(model.train_flops_per_sample())
 
     evaluate = _make_eval(cfg, engine, dp_rank, device) if t.eval_every > 0 else None
     loader = BatchLoader(dataset, sampler, dp_rank, p.dp, t.micro_batch, start_step=start,
