@@ -19,14 +19,17 @@ LAYOUTS = {
     "dp2-zero3": ["parallel.zero=3"],
     "dp2-zero3-cpu-offload": ["parallel.zero=3", "parallel.offload=cpu"],
     "pp2-1f1b": ["parallel.pp=2"],
+    "dp2-tp2": ["parallel.tp=2"],
+    "dp2-tp2-sp-zero1": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero=1"],
 }
+NPROC = {"dp2-tp2": 4, "dp2-tp2-sp-zero1": 4}  # others: 2
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_default_job_finishes_with_sample_and_eval(name, tmp_path):
     out = tmp_path / "run"
     # A hang must fail the test quickly instead of waiting for the 600 s default.
-    cmd = [sys.executable, "-m", "gigatrain", "train", "--nproc", "2", "--out", str(out),
+    cmd = [sys.executable, "-m", "gigatrain", "train", "--nproc", str(NPROC.get(name, 2)), "--out", str(out),
            "train.steps=4", "train.eval_every=2", "train.sample_tokens=40", "parallel.timeout_s=90",
            "parallel.hang_timeout_s=45",
            *LAYOUTS[name]]
