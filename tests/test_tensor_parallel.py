@@ -325,19 +325,21 @@ def _block_activation_bytes(tp: int, sp: bool, b: int = 4):
 
 
 def activation_formula(*, s, b, h, a, t, sp, fp=4):
-    """Bytes one of our blocks saves for backward (Korthikanti et al., adapted).
+    """Bytes one of our blocks saves for backward: Korthikanti et al., adapted.
 
-    The paper's ``s*b*h*(34 + 5*a*s/h)`` counts 16-bit tensors plus 1-byte dropout masks, and
-    the ``a*s*s`` softmax. Our block, in ``fp`` bytes per element: the two LayerNorm inputs and
-    the two column-parallel inputs (``4sbh``), q, k, v and the attention output (``4sbh/t``), the
-    projection input (``sbh/t``), the GELU input and output (``8sbh/t``): ``4sbh + 13sbh/t``; the
-    fused attention keeps ``a*s*b/t`` log-sum-exp values instead of the ``a*s^2*b`` softmax, and
-    dropout 0 keeps no masks; each LayerNorm keeps a mean and a reciprocal deviation per token.
-    Sequence parallelism divides the remaining ``4sbh`` and the LayerNorm statistics by t.
+    The paper counts, per layer at 16 bits, ``s*b*h*(10 + 24/t + 5*a*s/(h*t))`` bytes under
+    tensor parallelism and all of it divided by t with sequence parallelism. In elements:
+    unsplit, the inputs of the two LayerNorms and of the two column-parallel layers (4 sbh) plus
+    two 1-byte dropout masks; split, q, k, v and the projection input (4 sbh), the GELU input
+    and output (8 sbh) and the ``5*a*s^2*b`` bytes of softmax, its dropout mask and output.
+    Our block runs with dropout 0 (no masks), and the fused attention kernel keeps ``a*s*b``
+    log-sum-exp values instead of any s x s tensor; each LayerNorm also keeps a mean and a
+    reciprocal deviation per token (4 sb). So, in ``fp`` bytes per element:
+    ``4sbh + 4sb`` unsplit (divided by t with sequence parallelism) ``+ (12sbh + asb) / t``.
     """
     sbh = s * b * h
     whole = 4 * sbh + 4 * s * b
-    return fp * ((whole / t if sp else whole) + 13 * sbh / t + a * s * b / t)
+    return fp * ((whole / t if sp else whole) + (12 * sbh + a * s * b) / t)
 
 
 # ---------------------------------------------------------------- tests: rung 3
