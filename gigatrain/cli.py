@@ -1,6 +1,7 @@
 """``gigatrain`` command line.
 
     gigatrain train [CONFIG] [--nproc N] [--out DIR] [key=value ...]
+    gigatrain lr-find [CONFIG] [--nproc N] [--out DIR] [key=value ...]   LR range test
     gigatrain config [CONFIG] [key=value ...]      print the resolved config
     gigatrain config --reference                   print every key as a Markdown table
     gigatrain data [CONFIG] [key=value ...]         download/tokenize the dataset once
@@ -51,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true",
                     help="start afresh in an --out that holds a run, removing its checkpoints and metrics")
     tr.add_argument("--quiet", action="store_true", help="no progress bar or sample text")
+    lf = sub.add_parser("lr-find", help="LR range test: an exponential learning-rate sweep under the "
+                                        "configured layout; writes lr_find.png and lr_find.json")
+    for a in tr._actions[1:]:   # the same options as train
+        lf._add_action(a)
+    lf.add_argument("--min-lr", type=float, default=1e-5, help="first learning rate of the sweep")
+    lf.add_argument("--max-lr", type=float, default=1.0, help="last learning rate of the sweep")
+    lf.add_argument("--steps", type=int, default=200, help="steps of the sweep (it stops early when the "
+                                                           "smoothed loss exceeds 4x its best)")
     cf = sub.add_parser("config", help="print the resolved config, or the reference of all keys")
     cf.add_argument("items", nargs="*")
     cf.add_argument("--reference", action="store_true")
@@ -88,8 +97,14 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"out={args.out}")
         if getattr(args, "overwrite", False):
             overrides.append("overwrite=true")
+        if args.cmd == "lr-find":
+            _lr_sweep(args)   # bad sweep options fail here, before anything starts
+            # The sweep replaces the schedule; it writes no checkpoint, evaluation or sample.
+            overrides += [f"train.steps={args.steps}", "train.stop_after=null", "train.eval_every=0",
+                          "train.sample_tokens=0", "resume=null"]
         cfg = load_config(path, overrides)
         if args.cmd == "config":
+
             print(cfg.to_yaml())
             return 0
         if args.cmd == "data":
@@ -245,7 +260,8 @@ def _run_training(cfg, env, args, worker: bool, stop) -> int:
 
     status = stop.status
     try:
-        result = train(cfg, env=env, quiet=args.quiet, stop=stop)
+        probe = _lr_sweep(args) if args.cmd == "lr-find" else None
+        result = train(cfg, env=env, quiet=args.quiet, stop=stop, probe=probe)
         code = 0
         if result.stopped_by:
             code = EXIT_STOPPED
@@ -277,6 +293,31 @@ def _run_training(cfg, env, args, worker: bool, stop) -> int:
         status.update(outcome="exited", code=code)
     status.close()
     return code
+
+
+def _lr_sweep(args):
+    """The LR range test the ``lr-find`` options describe (``ConfigError`` when they are bad)."""
+    from .config import ConfigError
+    from .optim.lr_find import LRSweep
+
+    try:
+        return LRSweep(min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps)
+    except ValueError as e:
+        raise ConfigError(f"lr-find: {e}.") from None
+
+
+def _report_sweep(sweep, out) -> None:
+    """Write the sweep's plot and record into ``out`` and say what it suggests."""
+    result = sweep.write(out)
+    lr = result["suggested_lr"]
+    how = f"stopped early at lr {sweep.lrs[-1]:.3g}: the loss exploded" if sweep.stopped_early else \
+        f"{len(sweep.lrs)} steps up to lr {sweep.lrs[-1]:.3g}"
+    print(f"lr-find: {how}. Plot {out}/lr_find.png, record {out}/lr_find.json.", flush=True)
+    if lr is None:
+        print("lr-find: no suggestion: the loss never fell clearly; widen the range (--min-lr, --max-lr) "
+              "or add --steps.", flush=True)
+    else:
+        print(f"lr-find: suggested train.lr={lr:.3g} ({sweep.rule}).", flush=True)
 
 
 def _runtime_failure(e: BaseException, cfg, env, step: int, status, worker: bool) -> int:

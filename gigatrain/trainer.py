@@ -61,7 +61,8 @@ class TrainingDiverged(RuntimeError):
     same step, and the message (one paragraph) says where to continue from."""
 
 
-def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False, stop=None) -> TrainResult:
+def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False, stop=None,
+          probe=None) -> TrainResult:
     """Train according to ``cfg`` in this process; creates the process group if none exists.
 
     ``stop`` (a ``distributed.launch.StopRequest``, or anything with ``signum``, ``step_done(step)``
@@ -71,6 +72,11 @@ def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False, stop=
 
     Raises ``TrainingDiverged`` after ``train.max_skipped_steps`` steps in a row were skipped for
     a NaN/inf loss or gradient norm; no checkpoint with NaN or inf is ever written.
+
+    ``probe`` (e.g. ``gigatrain.optim.lr_find.LRSweep``) turns the run into a short experiment:
+    ``probe.lr(step)`` replaces the schedule, ``probe.record(step, lr, loss)`` sees every step's
+    global loss and returns True to stop (every rank sees the same loss, so all stop together);
+    nothing is checkpointed, evaluated or sampled, and a NaN loss ends the probe instead of the run.
     """
     if cfg.out is None:
         from .config import ConfigError
@@ -79,15 +85,15 @@ def train(cfg: Config, *, env: DistEnv | None = None, quiet: bool = False, stop=
     env = env or read_env()
     if dist.is_initialized():
         from .distributed.launch import pick_device
-        return _train(cfg, pick_device(env), quiet, stop)
+        return _train(cfg, pick_device(env), quiet, stop, probe)
     with distributed(env, backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s) as device:
-        return _train(cfg, device, quiet, stop)
+        return _train(cfg, device, quiet, stop, probe)
 
 
-def _train(cfg: Config, device: torch.device, quiet: bool, stop=None) -> TrainResult:
+def _train(cfg: Config, device: torch.device, quiet: bool, stop=None, probe=None) -> TrainResult:
     log = OpLog()
     with _watchdog(cfg, log):
-        return _run(cfg, device, quiet, log, stop)
+        return _run(cfg, device, quiet, log, stop, probe)
 
 
 def _watchdog(cfg: Config, log: OpLog):
@@ -99,7 +105,7 @@ def _watchdog(cfg: Config, log: OpLog):
     return Watchdog(log, hang_timeout_s=cfg.parallel.hang_timeout_s, out=cfg.out)
 
 
-def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None) -> TrainResult:
+def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, probe=None) -> TrainResult:
     world, rank = dist.get_world_size(), dist.get_rank()
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Share the cores among the local processes instead of oversubscribing them.
@@ -145,16 +151,16 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None) 
     bar = Progress(end, start, enabled=show, unit=unit, log_every=t.log_every)
     result = TrainResult(start_step=start, last_step=start)
 
-    evaluate = _make_eval(cfg, engine, dp_rank, device) if t.eval_every > 0 else None
+    evaluate = _make_eval(cfg, engine, dp_rank, device) if t.eval_every > 0 and probe is None else None
     loader = BatchLoader(dataset, sampler, dp_rank, p.dp, t.micro_batch, start_step=start,
                          device=device, num_workers=cfg.data.num_workers, end_step=end)
 
     in_a_row = 0  # consecutive steps skipped for NaN/inf
-    in_a_row = 0  # consecutive steps skipped for NaN/inf
     try:
         for step, batches in zip(range(start, end), loader):
-            lr = lr_at(step, kind=t.schedule, lr=t.lr, total_steps=t.steps,
-                       warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio)
+            lr = probe.lr(step) if probe is not None else lr_at(
+                step, kind=t.schedule, lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps,
+                min_lr_ratio=t.min_lr_ratio)
             log.step = step + 1
             if cfg.debug.inject_hang_step == step + 1 and rank == cfg.debug.inject_hang_rank:
                 inject_hang()
@@ -187,6 +193,14 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None) 
             logger.log(rec)
             rate = rec["tokens_per_s"] if rec["tokens_per_s"] is not None else rec["samples_per_s"]
             bar.update(done, res.loss, rate)
+            if probe is not None:
+                result.last_step = done
+                if probe.record(step, lr, res.loss):
+                    break
+                if stop is not None and done < end and (sig := _agreed_stop_signal(stop, mesh, device)):
+                    result.stopped_by = sig
+                    break
+                continue
             if res.nonfinite and show:
                 bar.print(f"step {done}: loss {res.loss:.4g}, gradient norm {res.grad_norm:.4g}: not finite, "
                           f"step skipped on all ranks ({in_a_row} in a row; the run stops at "
@@ -216,9 +230,9 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None) 
         bar.close()
         logger.close()
 
-    if result.stopped_by:
+    if result.stopped_by or probe is not None:
         engine.close()
-        return result  # asked to stop: no timeline or sample
+        return result  # asked to stop, or an experiment: no timeline or sample
     if p.pp > 1:
         title = (f"{p.pp_schedule}, pp={p.pp}" + (f", V={p.pp_virtual}" if p.pp_virtual > 1 else "")
                  + f", {p.pp_microbatches or cfg.grad_accum} micro-batches (last step)")
