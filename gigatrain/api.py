@@ -25,6 +25,8 @@ from .engine import Engine, OptimizerFactory, StepHook, default_loss
 from .parallel.pipeline.stages import apply_pipeline
 from .parallel.placement import Placements
 from .parallel.policies import ParallelPlan, plan_from_config
+from .parallel.compile import apply_compile
+from .parallel.recompute import apply_recompute
 from .parallel.strategy import apply_data_parallel
 from .parallel.tensor import apply_tensor_parallel, output_gather
 from .precision import PrecisionPolicy
@@ -38,8 +40,10 @@ def parallelize(model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactor
 
     1. ``apply_tensor_parallel`` over ``mesh.tp`` (rewrites layers from the model's ``tp_plan``;
        a vocabulary-split model gets the vocabulary-parallel loss as ``model.loss``);
-    2. ``apply_pipeline`` over ``mesh.pp`` (this rank's stages move to the device);
-    3. ``apply_data_parallel`` over ``mesh.dp`` (data parallel or a ZeRO stage, with offload),
+    2. ``apply_recompute`` (activation recomputation of whole blocks or attention cores);
+    3. ``apply_compile`` (``torch.compile`` of each block's forward);
+    4. ``apply_pipeline`` over ``mesh.pp`` (this rank's stages move to the device);
+    5. ``apply_data_parallel`` over ``mesh.dp`` (data parallel or a ZeRO stage, with offload),
        which builds the optimizer with ``optimizer_factory``.
 
     Each step records the placements of the parameters it changes; the engine computes norms,
@@ -48,6 +52,8 @@ def parallelize(model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactor
     precision = PrecisionPolicy.from_name(plan.precision, mesh.device, zero=plan.zero.stage)
     placements = Placements.replicated_model(model)
     model = apply_tensor_parallel(model, mesh.tp, plan.tensor, placements)
+    model = apply_recompute(model, plan.recompute)
+    model = apply_compile(model, plan.compile, mesh.device)
     loss_fn = loss_fn or default_loss(model)
     stages = apply_pipeline(model, mesh.pp, plan.pipeline, placements, device=mesh.device,
                             loss_fn=loss_fn, world=mesh.world)

@@ -80,6 +80,8 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="Evaluate on held-out data every N steps (0 = never).")
     sample_tokens: int = Field(200, ge=0, description="Tokens of text sampled from a gpt at the end of training (0 = none).")
     max_skipped_steps: int = Field(5, ge=1, description="Stop (training diverged) after this many steps in a row are skipped for a NaN/inf loss or gradient norm; such a step never updates the weights.")
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field("none", description="`torch.compile` each transformer block's forward with this mode (`none` = eager). Blocks are compiled one by one, so ZeRO-3's gathers and pipeline cuts work unchanged; the first steps are slow while the blocks compile (on the CPU inductor needs a C++ compiler).")
+    recompute: Literal["none", "selective", "full"] = Field("none", description="Activation recomputation in backward: `none`, `selective` (only the attention core: scores, softmax, dropout; the activations that grow with the square of the sequence) or `full` (each block keeps only its input and runs forward again in backward). Losses are bit-identical; it trades compute for activation memory.")
 
     @field_validator("betas", mode="before")
     @classmethod

@@ -144,11 +144,17 @@ class RelativeAttention(nn.Module):
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, H, N, hd]
         table = self.rel_bias(self.rel_eye.to(x.dtype))  # [num_rel, H]
         bias = table[self.rel_index].permute(2, 0, 1).unsqueeze(0).to(q.dtype)  # [1, H, N, N]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = self.attention_core(q, k, v, bias)
         y = y.transpose(1, 2).reshape(B, N, -1)
         return self.resid_drop(self.proj(y))
+
+    def attention_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
+        """Scores plus relative bias, softmax, dropout and the weighted sum: what selective
+        recomputation redoes (``gigatrain.parallel.recompute``)."""
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        )
 
 
 class RelTransformerBlock(nn.Module):

@@ -64,11 +64,17 @@ class SelfAttention(nn.Module):
         B, T = qkv.shape[:2]
         qkv = qkv.view(B, T, -1, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, H, T, hd]
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = self.attention_core(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.proj(y))
+
+
+    def attention_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Scores, softmax, dropout and the weighted sum: what selective recomputation redoes
+        (``gigatrain.parallel.recompute``). ``[B, H, T, hd]`` each -> ``[B, H, T, hd]``."""
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+        )
 
 
 class MLP(nn.Module):

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from ..distributed.mesh import ParallelDims
 from .pipeline.stages import PipelinePolicy
+from .compile import CompilePolicy
+from .recompute import RecomputePolicy
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -60,6 +62,8 @@ class ParallelPlan:
 
     dims: ParallelDims
     tensor: TensorParallelPolicy = field(default_factory=TensorParallelPolicy)
+    recompute: RecomputePolicy = field(default_factory=RecomputePolicy)
+    compile: CompilePolicy = field(default_factory=CompilePolicy)
     pipeline: PipelinePolicy = field(default_factory=PipelinePolicy)
     zero: ZeroPolicy = field(default_factory=ZeroPolicy)
     offload: OffloadPolicy = field(default_factory=OffloadPolicy)
@@ -79,6 +83,8 @@ def plan_from_config(cfg: "Config", example_batch=None) -> ParallelPlan:
     return ParallelPlan(
         dims=ParallelDims(dp=p.dp, pp=p.pp, tp=p.tp),
         tensor=TensorParallelPolicy(size=p.tp, sequence_parallel=bool(getattr(p, "sequence_parallel", False))),
+        recompute=RecomputePolicy(t.recompute),
+        compile=CompilePolicy(t.compile),
         pipeline=PipelinePolicy(schedule=p.pp_schedule, microbatches=p.pp_microbatches or cfg.grad_accum,
                                 virtual=p.pp_virtual, balance=p.pp_balance,
                                 example_batch=example_batch if p.pp_balance == "time" else None),
