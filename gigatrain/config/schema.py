@@ -66,11 +66,11 @@ class TrainConfig(_Section):
     global_batch: int = Field(16, ge=1, description="Samples per optimizer step over all data-parallel ranks; must be a multiple of `train.micro_batch` x `parallel.dp`.")
     micro_batch: int = Field(8, ge=1, description="Samples per forward/backward on one rank; gradients are accumulated over `grad_accum` micro-batches.")
     seed: int = Field(1234, description="Seed for initialisation and data order (which never depend on the layout).")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer: `adamw` or `sgd`.")
+    optimizer: Literal["adamw", "sgd", "lamb"] = Field("adamw", description="Optimizer: `adamw`, `sgd`, or `lamb` (You et al.: Adam with bias correction and decoupled weight decay, each parameter's step scaled by the trust ratio ||w|| / ||update||; exact under every ZeRO stage and CPU offload).")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final learning rate of the decay as a fraction of `train.lr`.")
     weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay (applied to matrices, not to biases and norms).")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW moment decay rates, each in [0, 1).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW and LAMB moment decay rates, each in [0, 1).")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum (sgd only).")
     schedule: Literal["cosine", "onecycle", "constant"] = Field("cosine", description="Learning-rate schedule after warmup: `cosine` decay to `lr * min_lr_ratio`, `onecycle`, or `constant`.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps from 0 to `train.lr`.")
@@ -265,6 +265,12 @@ def _cross_problems(cfg: Config) -> list[str]:
         p.append(f"parallel.offload={par.offload} needs ZeRO: set parallel.zero to 1, 2 or 3, or parallel.offload=none.")
     if par.offload == "nvme" and par.zero in (1, 2):
         p.append("parallel.offload=nvme is implemented for parallel.zero=3: set zero=3, or offload=cpu for stages 1-2.")
+    if t.optimizer == "lamb" and par.offload == "nvme":
+        p.append("train.optimizer=lamb with parallel.offload=nvme: the NVMe optimizer streams AdamW and SGD "
+                 "updates only; use offload=cpu (or none) with lamb.")
+    if t.optimizer == "lamb" and par.tp > 1:
+        p.append(f"train.optimizer=lamb with parallel.tp={par.tp}: LAMB's trust ratio needs the norm of each whole "
+                 "parameter, which is not yet summed over tensor-parallel shards; use adamw or sgd with tp > 1.")
     if par.hang_timeout_s >= par.timeout_s:
         p.append(f"parallel.hang_timeout_s ({par.hang_timeout_s:g}) must be below parallel.timeout_s "
                  f"({par.timeout_s:g}): the hang diagnosis has to run before the collective timeout ends "

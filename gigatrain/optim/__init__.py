@@ -33,6 +33,7 @@ def build_optimizer(tcfg, groups: list[dict], device: torch.device) -> torch.opt
     groups get ``tcfg.weight_decay``, the others none. Strategies that shard parameters pass their
     flat shards here, so every layout runs the same optimizer with the same hyper-parameters.
     """
+    given_groups = groups
     groups = [{"params": g["params"], "weight_decay": tcfg.weight_decay if g["decay"] else 0.0}
               for g in groups]
     if tcfg.optimizer == "sgd":
@@ -40,7 +41,14 @@ def build_optimizer(tcfg, groups: list[dict], device: torch.device) -> torch.opt
     if tcfg.optimizer == "adamw":
         kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=1e-8, **kwargs)
-    raise ValueError(f"unknown optimizer {tcfg.optimizer!r}: use adamw or sgd")
+    if tcfg.optimizer == "lamb":
+        from .lamb import Lamb
+
+        # Sharded strategies say which parameter each range of a flat piece belongs to.
+        for g, given in zip(groups, given_groups):
+            g.update({k: given[k] for k in ("spans", "shard_keys", "shard_comm") if k in given})
+        return Lamb(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=1e-6)
+    raise ValueError(f"unknown optimizer {tcfg.optimizer!r}: use adamw, lamb or sgd")
 
 
 __all__ = ["build_optimizer", "decays", "lr_at", "param_groups"]

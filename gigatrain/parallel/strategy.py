@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 """Builds the optimizer over parameter groups ``{"params": [...], "decay": bool}`` (see
-``gigatrain.optim.param_groups``); sharded strategies pass their flat fp32 shard pieces."""
+``gigatrain.optim.param_groups``); sharded strategies pass their flat fp32 shard pieces, and with
+them ``spans``, ``shard_keys`` and ``shard_comm`` (which parameter each range of a piece belongs
+to, and the group holding the other ranges: ``zero.shards.layer_spans``) for layer-wise optimizers
+such as LAMB; others ignore them. An optimizer whose ``step`` communicates says so with
+``step_communicates = True``: strategies then call it on the main thread only."""
 
 FullState = tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]
 

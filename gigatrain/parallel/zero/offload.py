@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .shards import Segment, attach_pieces, optimizer_over, torch_step
+from .shards import Segment, ShardLayout, attach_pieces, optimizer_over, torch_step
 
 if TYPE_CHECKING:
     from ..strategy import OptimizerFactory
@@ -170,12 +170,14 @@ class HostShard:
         self.grad = self._grad.tensor
         self.host: HostOptimizer | None = None
 
-    def build_optimizer(self, factory: OptimizerFactory, segments: Sequence[Segment]) -> torch.optim.Optimizer:
-        """``factory`` over fp32 views of the master, one per piece of ``segments``; the returned
-        optimizer (AdamW becomes ``CPUAdamW``) keeps its states in one host buffer."""
+    def build_optimizer(self, factory: OptimizerFactory, segments: Sequence[Segment],
+                        layout: ShardLayout | None = None) -> torch.optim.Optimizer:
+        """``factory`` over fp32 views of the master, one per piece of ``segments`` (``layout``:
+        see ``shards.optimizer_over``); the returned optimizer (AdamW becomes ``CPUAdamW``) keeps
+        its states in one host buffer."""
         pieces = attach_pieces(segments, lambda seg: self.master[seg.shard])
         offsets = [seg.offset + pc.start for seg in segments for pc in seg.pieces]
-        self.host = HostOptimizer(optimizer_over(factory, pieces), [pc.param for pc in pieces], offsets,
+        self.host = HostOptimizer(optimizer_over(factory, pieces, layout), [pc.param for pc in pieces], offsets,
                                   self.numel, pin=self.pin)
         return self.host.optimizer
 

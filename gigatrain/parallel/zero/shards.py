@@ -34,6 +34,9 @@ class Piece:
     end: int
     decay: bool
     param: nn.Parameter | None = None   # the optimizer's tensor for this range
+    # (start, end, key) sub-ranges of this piece, relative to ``start``, by the parameter they
+    # belong to (``key``: its index in the model's parameter order); set by ``layer_spans``.
+    spans: list[tuple[int, int, int]] | None = None
 
     @property
     def numel(self) -> int:
@@ -127,9 +130,43 @@ def attach_pieces(segments: Sequence[Segment], base: Callable[[Segment], torch.T
     return pieces
 
 
-def optimizer_over(factory: OptimizerFactory, pieces: Sequence[Piece]) -> torch.optim.Optimizer:
-    """``factory`` over the pieces' tensors, one group per decay setting (decaying first)."""
-    groups = [{"params": [pc.param for pc in pieces if pc.decay == d], "decay": d} for d in (True, False)]
+@dataclass(frozen=True)
+class ShardLayout:
+    """What a layer-wise optimizer (LAMB) needs to know about sharded pieces: the group the
+    other parts of each parameter live on, and how many parameters the keys of ``Piece.spans``
+    count (the same on every rank of ``comm``)."""
+
+    comm: Comm | None
+    n_keys: int
+
+
+def layer_spans(segments: Sequence[Segment], order: Sequence[str], comm: Comm | None) -> ShardLayout:
+    """Record on every piece of ``segments`` which parameter each of its ranges belongs to
+    (``Piece.spans``, keys = indices in ``order``, the model's parameter names), so that norms of
+    whole parameters can be summed over ranges and over the ranks of ``comm``."""
+    key = {n: i for i, n in enumerate(order)}
+    for seg in segments:
+        for pc in seg.pieces:
+            a0, b0 = seg.lo + pc.start, seg.lo + pc.end
+            pc.spans = [(max(a0, o) - a0, min(b0, o + p.numel()) - a0, key[n])
+                        for p, n, o in zip(seg.params, seg.names, seg.offsets)
+                        if max(a0, o) < min(b0, o + p.numel())]
+    return ShardLayout(comm, len(order))
+
+
+def optimizer_over(factory: OptimizerFactory, pieces: Sequence[Piece],
+                   layout: ShardLayout | None = None) -> torch.optim.Optimizer:
+    """``factory`` over the pieces' tensors, one group per decay setting (decaying first).
+
+    With ``layout`` the groups also carry ``spans`` (each tensor's ``Piece.spans``),
+    ``shard_keys`` and ``shard_comm``, which layer-wise optimizers need and others ignore."""
+    groups = []
+    for d in (True, False):
+        mine = [pc for pc in pieces if pc.decay == d]
+        g = {"params": [pc.param for pc in mine], "decay": d}
+        if layout is not None:
+            g.update(spans=[pc.spans for pc in mine], shard_keys=layout.n_keys, shard_comm=layout.comm)
+        groups.append(g)
     groups = [g for g in groups if g["params"]]
     if not groups:   # nothing trainable here: torch refuses an optimizer without parameters
         groups = [{"params": [nn.Parameter(torch.zeros(0))], "decay": False}]

@@ -62,8 +62,8 @@ from ...precision import PrecisionPolicy
 from ..strategy import param_ids
 from .buckets import Bucket, GradBuckets, remove_hooks
 from .offload import HostShard, Worker
-from .shards import (Segment, StateCodec, TorchStates, attach_pieces, decay_pieces, local_sq_norm, optimizer_over,
-                     torch_step)
+from .shards import (Segment, StateCodec, TorchStates, attach_pieces, decay_pieces, layer_spans, local_sq_norm,
+                     optimizer_over, torch_step)
 
 if TYPE_CHECKING:
     from ..strategy import OptimizerFactory
@@ -361,11 +361,13 @@ class ZeroStrategy:
                 self.comm.broadcast(buf, src=0)
 
     def _build_optimizer(self, factory: OptimizerFactory) -> torch.optim.Optimizer:
-        """``factory(groups)`` over this rank's flat fp32 shard pieces (decay / no-decay)."""
+        """``factory(groups)`` over this rank's flat fp32 shard pieces (decay / no-decay), with
+        the layout a layer-wise optimizer needs to take norms of whole parameters."""
+        layout = layer_spans(self.shards, [n for n, _ in self.model.named_parameters()], self.comm)
         if self._host is not None:
-            return self._host.build_optimizer(factory, self.shards)
+            return self._host.build_optimizer(factory, self.shards, layout)
         pieces = attach_pieces(self.shards, lambda sh: sh.master if sh.master is not None else sh.param_shard())
-        return optimizer_over(factory, pieces)
+        return optimizer_over(factory, pieces, layout)
 
     # -- backward -------------------------------------------------------------------------------
     def set_sync(self, sync: bool) -> None:
@@ -382,7 +384,8 @@ class ZeroStrategy:
         the host, overlapping the rest of backward. Otherwise this call changes nothing. Returns
         whether the update will run during backward (and so can no longer be skipped).
         """
-        if not (self.offload and overlap):
+        # An optimizer that communicates in its step (LAMB's norms) must step on this thread.
+        if not (self.offload and overlap) or getattr(self.optimizer, "step_communicates", False):
             self._overlap = None
             return False
         self._overlap = _Overlap(float(lr))

@@ -69,8 +69,8 @@ from ..strategy import param_ids
 from .buckets import flat_layout, remove_hooks
 from .nvme import NVMeOptimizer, OptimizerSpec
 from .offload import HostBuffer, HostShard
-from .shards import (FlatFileStates, Segment, StateCodec, TorchStates, attach_pieces, decay_pieces, local_sq_norm,
-                     optimizer_over, torch_step)
+from .shards import (FlatFileStates, Segment, StateCodec, TorchStates, attach_pieces, decay_pieces, layer_spans,
+                     local_sq_norm, optimizer_over, torch_step)
 
 if TYPE_CHECKING:
     from ..strategy import OptimizerFactory
@@ -532,9 +532,10 @@ class Stage3Strategy:
             opt.write("master", self.master)
             self.master = None                 # it lives in the file now
             return opt
+        layout = layer_spans(self.units, [n for n, _ in self.model.named_parameters()], self.comm)
         if self._host is not None:
-            return self._host.build_optimizer(factory, self.units)
-        return optimizer_over(factory, attach_pieces(self.units, lambda u: self.master[u.shard]))
+            return self._host.build_optimizer(factory, self.units, layout)
+        return optimizer_over(factory, attach_pieces(self.units, lambda u: self.master[u.shard]), layout)
 
     @torch.no_grad()
     def step(self, lr: float, grad_coef: float) -> None:
