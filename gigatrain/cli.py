@@ -263,6 +263,8 @@ def _run_training(cfg, env, args, worker: bool, stop) -> int:
         probe = _lr_sweep(args) if args.cmd == "lr-find" else None
         result = train(cfg, env=env, quiet=args.quiet, stop=stop, probe=probe)
         code = 0
+        if probe is not None and env.rank == 0 and not result.stopped_by:
+            _report_sweep(probe, cfg.out)
         if result.stopped_by:
             code = EXIT_STOPPED
             if env.rank == 0:

@@ -30,6 +30,7 @@ from .parallel.placement import Placements
 from .parallel.resharding import gather_shards, local_shards
 from .parallel.strategy import OptimizerFactory, persistent_buffers
 from .precision import DynamicLossScaler, PrecisionPolicy
+from .profiling import StepProfile
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,6 +45,8 @@ class StepResult:
     loss_scale: float | None = None
     bubble: float | None = None  # measured pipeline bubble of this step (pp > 1)
     nonfinite: bool = False  # skipped for a NaN/inf loss or gradient that no loss scale explains
+    # seconds of this step in forward_s, backward_s, comm_exposed_s, optimizer_s (``StepProfile``)
+    times: dict | None = None
 
 
 class StepHook:
@@ -91,6 +94,8 @@ class Engine:
         # Parameters another rank already counts in the global norm (tied copies; tensor-parallel
         # replicas); the strategy sums over dp itself.
         self._norm_skip = placements.not_counted_here(mesh.coords, axes=("pp", "tp"))
+        # Where each step's time goes; the stages and the update below mark their phases.
+        self.profile = StepProfile(mesh.stats, self.device)
         # Checkpoints hold whole tensors: each is written where its gathered copy is canonical.
         self._saved_placements = placements.gathered()
         # Makes a split model output whole (tensor-parallel logits); identity otherwise.
@@ -150,8 +155,17 @@ class Engine:
         overlapped = self.strategy.begin_step(
             lr, overlap=(self.grad_clip is None and self.scaler is None
                          and self.stages.updates_may_overlap_backward))
+        self.profile.begin()
         local_loss = self.stages.forward_backward(micro_batches, scale, self.strategy, self.loss_fn,
-                                                  self._autocast)
+                                                  self._autocast, self.profile)
+        with self.profile.phase("optimizer"):
+            result = self._update(local_loss, lr, scale, overlapped)
+        result.times = self.profile.record()
+        return result
+
+    def _update(self, local_loss: torch.Tensor, lr: float, scale: float, overlapped: bool) -> StepResult:
+        """After backward: step hooks, the overflow check, the global norm, clipping and the
+        strategy's update (or a skip on every rank)."""
         mean_loss = self._mean_over_dp(local_loss)
         for hook in self.hooks:
             hook.after_backward(self, self.step_count)

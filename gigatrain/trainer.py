@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .metrics import MetricsLogger, Progress, Timer, step_metrics
 from .models import build_model
 from .optim import build_optimizer, lr_at
 from .parallel.policies import plan_from_config
+from .profiling import TraceWindow
 
 
 @dataclass
@@ -156,17 +158,26 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
                          device=device, num_workers=cfg.data.num_workers, end_step=end)
 
     in_a_row = 0  # consecutive steps skipped for NaN/inf
+    trace = TraceWindow(t.profile_steps, out, rank, device)
+    batch_iter = iter(loader)
     try:
-        for step, batches in zip(range(start, end), loader):
+        for step in range(start, end):
+            t_wait = time.perf_counter()
+            batches = next(batch_iter, None)
+            if batches is None:
+                break
+            loader_wait = time.perf_counter() - t_wait
             lr = probe.lr(step) if probe is not None else lr_at(
                 step, kind=t.schedule, lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps,
                 min_lr_ratio=t.min_lr_ratio)
             log.step = step + 1
             if cfg.debug.inject_hang_step == step + 1 and rank == cfg.debug.inject_hang_rank:
                 inject_hang()
+            trace.before(step + 1)
             with Timer(device) as tm:
                 res = engine.train_step(batches, lr)
             done = step + 1
+            trace.after(done)
             if stop is not None:
                 stop.step_done(done)
             result.losses.append(res.loss)
@@ -180,7 +191,8 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
                                seconds=tm.seconds, samples=t.global_batch,
                                tokens_per_sample=model.tokens_per_sample, flops_per_sample=flops,
                                world_size=world, device=device, precision=policy.name,
-                               skipped=res.skipped, nonfinite=res.nonfinite, loss_scale=res.loss_scale)
+                               skipped=res.skipped, nonfinite=res.nonfinite, loss_scale=res.loss_scale,
+                               **(res.times or {}), loader_wait_s=loader_wait)
             if res.bubble is not None:
                 rec["pipeline_bubble"] = res.bubble
             if evaluate is not None and (done % t.eval_every == 0 or done == end):
@@ -227,6 +239,7 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
                     stop.checkpoint_saved(done)
                 break
     finally:
+        trace.close()
         bar.close()
         logger.close()
 

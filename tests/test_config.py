@@ -132,6 +132,7 @@ OVERRIDES = [
     ("train.max_skipped_steps", ["train.max_skipped_steps=1"], 1),
     ("train.recompute", ["train.recompute=full"], "full"),
     ("train.compile", ["train.compile=default"], "default"),
+    ("train.profile_steps", ["train.profile_steps=3,5"], (3, 5)),
     ("parallel.dp", ["parallel.dp=4"], 4),
     ("parallel.pp", ["parallel.pp=2"], 2),
     ("parallel.tp", ["parallel.tp=2"], 2),

@@ -81,6 +81,7 @@ class TrainConfig(_Section):
     sample_tokens: int = Field(200, ge=0, description="Tokens of text sampled from a gpt at the end of training (0 = none).")
     max_skipped_steps: int = Field(5, ge=1, description="Stop (training diverged) after this many steps in a row are skipped for a NaN/inf loss or gradient norm; such a step never updates the weights.")
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field("none", description="`torch.compile` each transformer block's forward with this mode (`none` = eager). Blocks are compiled one by one, so ZeRO-3's gathers and pipeline cuts work unchanged; the first steps are slow while the blocks compile (on the CPU inductor needs a C++ compiler).")
+    profile_steps: Optional[tuple[int, int]] = Field(None, description="Write a torch.profiler trace of steps A to B (1-based, inclusive; `A,B` on the command line) to `<out>/profile/rank<R>.pt.trace.json`, which Perfetto and TensorBoard open (null = none). Every step's forward, backward, exposed communication, optimizer and data-wait seconds are in `metrics.jsonl` anyway.")
     recompute: Literal["none", "selective", "full"] = Field("none", description="Activation recomputation in backward: `none`, `selective` (only the attention core: scores, softmax, dropout; the activations that grow with the square of the sequence) or `full` (each block keeps only its input and runs forward again in backward). Losses are bit-identical; it trades compute for activation memory.")
 
     @field_validator("betas", mode="before")
@@ -88,6 +89,12 @@ class TrainConfig(_Section):
     def _betas_from_list(cls, value: Any) -> Any:
         # YAML, JSON and TOML have lists, not tuples.
         return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("profile_steps", mode="before")
+    @classmethod
+    def _steps_from_text(cls, value: Any) -> Any:
+        # `train.profile_steps=3,5` arrives as the text "3,5".
+        return _int_tuple(value)
 
     @property
     def min_lr(self) -> float:
@@ -98,6 +105,16 @@ class TrainConfig(_Section):
     def clip_enabled(self) -> bool:
         """Whether gradient clipping is on (`grad_clip` neither null nor 0)."""
         return bool(self.grad_clip)
+
+
+def _int_tuple(value: Any) -> Any:
+    """A list, or comma-separated text of integers, as a tuple (anything else unchanged, so the
+    type check reports it)."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        if parts and all(p.lstrip("-").isdigit() for p in parts):
+            return tuple(int(p) for p in parts)
+    return tuple(value) if isinstance(value, list) else value
 
 
 class ParallelConfig(_Section):
@@ -254,6 +271,9 @@ def _cross_problems(cfg: Config) -> list[str]:
     if t.stop_after is not None and t.stop_after > t.steps:
         p.append(f"train.stop_after ({t.stop_after}) is greater than train.steps ({t.steps}): set stop_after to at "
                  f"most {t.steps}, or raise steps.")
+    if t.profile_steps is not None and not 1 <= t.profile_steps[0] <= t.profile_steps[1]:
+        p.append(f"train.profile_steps ({t.profile_steps[0]},{t.profile_steps[1]}) must be two steps A,B with "
+                 f"1 <= A <= B, e.g. train.profile_steps=5,7.")
     if not all(0.0 <= b < 1.0 for b in t.betas):
         p.append(f"train.betas ({list(t.betas)}) must both lie in [0, 1), e.g. [0.9, 0.95].")
     if t.micro_batch > t.global_batch:

@@ -32,6 +32,9 @@ class CommStats:
     payload: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     sent: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     calls: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    # Seconds this rank's threads spent blocked in communication: synchronous collectives, and
+    # ``wait()`` on asynchronous ones (what overlap did not hide). Step profiles take differences.
+    blocked_s: float = 0.0
 
     def add(self, group: str, op: str, payload: int, sent: float) -> None:
         key = (group, op)
@@ -175,17 +178,23 @@ def _copy(d: dict) -> dict:
     return {}
 
 
+_UNCOUNTED = CommStats()   # where the waits of works made outside a Comm go
+
+
 class _TrackedWork:
     """The backend's Work, with completion recorded when ``wait()`` returns."""
 
-    __slots__ = ("_work", "_rec", "_log")
+    __slots__ = ("_work", "_rec", "_log", "_stats")
 
-    def __init__(self, work, rec: OpRecord, log: OpLog):
+    def __init__(self, work, rec: OpRecord, log: OpLog, stats: CommStats | None = None):
         self._work, self._rec, self._log = work, rec, log
+        self._stats = stats if stats is not None else _UNCOUNTED
         rec.work = work
 
     def wait(self, *args, **kwargs):
+        t0 = time.perf_counter()
         out = self._work.wait(*args, **kwargs)
+        self._stats.blocked_s += time.perf_counter() - t0
         self._log.end(self._rec)
         return out
 
@@ -225,13 +234,15 @@ class Comm:
 
     def _recorded(self, op: str, shapes: list, call, async_op: bool):
         rec = self.log.begin(op, self.name, self._channel, self._members, shapes)
+        t0 = time.perf_counter()
         try:
             work = call()
         except BaseException:
             self.log.end(rec)
             raise
         if async_op:
-            return _TrackedWork(work, rec, self.log)
+            return _TrackedWork(work, rec, self.log, self.stats)
+        self.stats.blocked_s += time.perf_counter() - t0
         self.log.end(rec)
         return work
 
@@ -328,4 +339,4 @@ class Comm:
             for rec in recs:
                 self.log.end(rec)
             raise
-        return [_TrackedWork(w, rec, self.log) for w, rec in zip(works, recs)]
+        return [_TrackedWork(w, rec, self.log, self.stats) for w, rec in zip(works, recs)]

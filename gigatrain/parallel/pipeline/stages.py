@@ -52,18 +52,20 @@ class SingleStage:
         self.device = device
 
     def forward_backward(self, micro_batches: Sequence[Batch], scale: float, strategy, loss_fn,
-                         autocast) -> torch.Tensor:
+                         autocast, profile) -> torch.Tensor:
         """Gradient accumulation over this rank's micro-batches; only the last one communicates.
-        Returns this rank's mean loss (float64, on the device)."""
+        Returns this rank's mean loss (float64, on the device). ``profile``: a
+        ``profiling.StepProfile`` that gets the forward and backward phases."""
         n = len(micro_batches)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, (x, y) in enumerate(micro_batches):
             strategy.set_sync(i == n - 1)
-            with autocast():
+            with profile.phase("forward"), autocast():
                 loss = loss_fn(self.model(x), y)
             loss_sum += loss.detach().double()
-            (loss * (scale / n)).backward()
-            strategy.after_backward()
+            with profile.phase("backward"):
+                (loss * (scale / n)).backward()
+                strategy.after_backward()
         return loss_sum / n
 
     def forward(self, x, post: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -135,14 +137,22 @@ class PipelineStages:
         self.placements = stage_placements(model, self.owned, placements, pp.size)
 
     def forward_backward(self, micro_batches: Sequence[Batch], scale: float, strategy, loss_fn,
-                         autocast) -> torch.Tensor:
+                         autocast, profile) -> torch.Tensor:
         """Run the schedule, accumulating locally, then reduce everything over dp at once (the
-        tied-embedding gradient is completed by the runtime first)."""
+        tied-embedding gradient is completed by the runtime first). ``profile`` gets the
+        schedule's compute actions as forward (F) and backward (B, W) and its waits as
+        communication."""
         strategy.set_sync(False)
         self._scale = scale
+        blocked = profile.stats.blocked_s
         with autocast():
             loss = self.runtime.step(micro_batches)
-        strategy.reduce_accumulated()
+        profile.add("comm", profile.stats.blocked_s - blocked)
+        for r in self.runtime.records:
+            if r.action.is_compute:
+                profile.add("forward" if r.action.kind == "F" else "backward", r.end - r.start)
+        with profile.phase("backward"):
+            strategy.reduce_accumulated()
         return torch.tensor(loss / scale, dtype=torch.float64, device=self.device)
 
     def forward(self, x, post: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
