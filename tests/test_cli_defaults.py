@@ -43,3 +43,21 @@ def test_default_job_finishes_with_sample_and_eval(name, tmp_path):
     assert len(sample) >= 40, sample
     assert "step 4: val loss" in r.stdout and "step 2: val loss" in r.stdout
     assert (out / "checkpoints" / "step_000004" / "meta.json").is_file()
+    _check_flops_per_device(out, NPROC.get(name, 2))
+
+
+def _check_flops_per_device(out, world):
+    """TFLOP/s per device count the whole model's FLOPs over all devices, whatever the split
+    (a tensor-parallel rank holds a slice of the model, a ZeRO-3 rank placeholders)."""
+    import json
+
+    from gigatrain.config import load_config
+    from gigatrain.data import open_dataset
+    from gigatrain.models import build_model
+
+    cfg = load_config(str(out / "config.yaml"), [])
+    vocab = getattr(open_dataset(cfg.data, cfg.model.seq_len), "vocab_size", None)
+    want = build_model(cfg.model, vocab_size=vocab).train_flops_per_sample()
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    got = rec["tflops_per_device"] * 1e12 * world / rec["samples_per_s"]
+    assert abs(got - want) <= 1e-6 * want, (got, want)
