@@ -112,19 +112,20 @@ def oracle(kind, opt, steps=STEPS):
 # ---------------------------------------------------------------- one layout on the spawned ranks
 
 def _engine(kind, opt, dims, *, sp=False, zero=0, offload="none", schedule="1f1b", virtual=1, micro=2,
-            precision="fp32"):
+            precision="fp32", recompute="none"):
     from gigatrain.api import parallelize
     from gigatrain.distributed.mesh import Mesh, ParallelDims
     from gigatrain.optim import build_optimizer
     from gigatrain.parallel.pipeline.stages import PipelinePolicy
     from gigatrain.parallel.policies import OffloadPolicy, ParallelPlan, TensorParallelPolicy, ZeroPolicy
+    from gigatrain.parallel.recompute import RecomputePolicy
 
     dp, pp, tp = dims
     mesh = Mesh(ParallelDims(dp, pp, tp), torch.device("cpu"))
     plan = ParallelPlan(dims=mesh.dims, tensor=TensorParallelPolicy(tp, sp),
                         pipeline=PipelinePolicy(schedule=schedule, microbatches=micro, virtual=virtual),
                         zero=ZeroPolicy(zero, bucket_mb=0.004), offload=OffloadPolicy(offload), precision=precision,
-                        grad_clip=CLIP)
+                        grad_clip=CLIP, recompute=RecomputePolicy(recompute))
     cpu = torch.device("cpu")
     return parallelize(_model(kind), mesh, lambda groups: build_optimizer(_tcfg(opt), groups, cpu), plan), mesh
 
@@ -167,6 +168,8 @@ def _layouts(world):
     if world == 2:
         return [("tp2", "gpt", "sgd", (1, 1, 2), {}),
                 ("tp2-sp", "gpt", "sgd", (1, 1, 2), {"sp": True}),
+                # Recomputation runs the sequence gathers again inside backward.
+                ("tp2-sp-recompute", "gpt", "sgd", (1, 1, 2), {"sp": True, "recompute": "full", "steps": SHORT}),
                 ("tp2-adamw", "gpt_nobias", "adamw", (1, 1, 2), {}),
                 ("vit-tp2", "vit", "sgd", (1, 1, 2), {}),
                 # BatchNorm sees the whole batch at once only without accumulation.
@@ -346,15 +349,12 @@ def activation_formula(*, s, b, h, a, t, sp, fp=4):
 
 # ---------------------------------------------------------------- tests: rung 3
 
-WORLD2 = ["tp2", "tp2-sp", "tp2-adamw", "vit-tp2", "coatnet-tp2"]
-
-
 @pytest.mark.rung3
-@pytest.mark.parametrize("name", WORLD2)
+@pytest.mark.parametrize("name", [lay[0] for lay in _layouts(2)])
 def test_tp2_equals_one_process(name):
     res, _ = results(2)
-    _, kind, opt, _, _ = next(lay for lay in _layouts(2) if lay[0] == name)
-    _check_layout(res, name, kind, opt)
+    _, kind, opt, _, kw = next(lay for lay in _layouts(2) if lay[0] == name)
+    _check_layout(res, name, kind, opt, kw.get("steps", STEPS))
 
 
 @pytest.mark.rung3
