@@ -58,7 +58,7 @@ def parallelize(model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactor
     stages = apply_pipeline(model, mesh.pp, plan.pipeline, placements, device=mesh.device,
                             loss_fn=loss_fn, world=mesh.world)
     strategy = apply_data_parallel(stages.owned, mesh, plan.zero, plan.offload, precision=precision,
-                                   optimizer_factory=optimizer_factory)
+                                   optimizer_factory=optimizer_factory, pipeline=stages.pipeline_grads)
     return Engine(model, mesh=mesh, stages=stages, strategy=strategy, placements=stages.placements,
                   precision=precision, grad_clip=plan.grad_clip, loss_fn=loss_fn, hooks=hooks,
                   output_gather=output_gather(model))

@@ -21,8 +21,10 @@ LAYOUTS = {
     "pp2-1f1b": ["parallel.pp=2"],
     "dp2-tp2": ["parallel.tp=2"],
     "dp2-tp2-sp-zero1": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero=1"],
+    "dp2-pp2-zero2-cpu-offload": ["parallel.pp=2", "parallel.zero=2", "parallel.offload=cpu"],
+    "dp2-pp2-zero3-zb": ["parallel.pp=2", "parallel.zero=3", "parallel.pp_schedule=zb"],
 }
-NPROC = {"dp2-tp2": 4, "dp2-tp2-sp-zero1": 4}  # others: 2
+NPROC = {"dp2-tp2": 4, "dp2-tp2-sp-zero1": 4, "dp2-pp2-zero2-cpu-offload": 4, "dp2-pp2-zero3-zb": 4}  # others: 2
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -295,9 +295,6 @@ def _cross_problems(cfg: Config) -> list[str]:
         p.append(f"parallel.hang_timeout_s ({par.hang_timeout_s:g}) must be below parallel.timeout_s "
                  f"({par.timeout_s:g}): the hang diagnosis has to run before the collective timeout ends "
                  "the job; lower hang_timeout_s or raise timeout_s.")
-    if par.pp > 1 and par.zero >= 2:
-        p.append(f"parallel.zero={par.zero} with parallel.pp={par.pp}: a pipeline accumulates full gradients over its "
-                 "micro-batches, which stages 2-3 do not keep; use parallel.zero=1 (sharded optimizer) with pipelines.")
     if par.pp_virtual > 1 and par.pp_schedule not in ("interleaved", "zb"):
         p.append(f"parallel.pp_virtual={par.pp_virtual} needs parallel.pp_schedule=interleaved or zb "
                  f"(got {par.pp_schedule}): change the schedule or set pp_virtual=1.")

@@ -23,6 +23,7 @@ One optimizer step, as the engine runs it::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Collection, Protocol, runtime_checkable
 
 import torch
@@ -42,6 +43,26 @@ such as LAMB; others ignore them. An optimizer whose ``step`` communicates says 
 ``step_communicates = True``: strategies then call it on the main thread only."""
 
 FullState = tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class PipelineGrads:
+    """How a pipeline schedule delivers this rank's gradients (``None`` without a pipeline).
+
+    ``chunks``: the modules whose backward passes the schedule runs, each micro-batch's pass of a
+    chunk delivering every gradient of that chunk's parameters (the passes of different chunks
+    and micro-batches interleave). ``late``: names of parameters whose gradient is complete only
+    after the schedule, when the stages have summed the copies of a tied weight that other pp
+    ranks hold; they are reduced by ``reduce_accumulated``.
+
+    Strategies that keep full local gradients (stages 0 and 1) need neither: they reduce
+    everything after the schedule. Stage 2 reduce-scatters each chunk's buckets as each pass
+    ends; stage 3 gathers each block for its forward and backward passes and reduce-scatters it
+    as each pass ends.
+    """
+
+    chunks: tuple[nn.Module, ...]
+    late: frozenset[str] = frozenset()
 
 
 @runtime_checkable
@@ -76,8 +97,10 @@ class GradStrategy(Protocol):
 
     def reduce_accumulated(self) -> None:
         """Reduce, now, gradients accumulated locally with ``set_sync(False)`` (a pipeline
-        schedule interleaves the backward passes of its micro-batches). Strategies that keep no
-        local full gradients raise ``RuntimeError``."""
+        schedule interleaves the backward passes of its micro-batches), and finish the
+        reductions started during the schedule. Stages 2 and 3 accumulate only the ``late``
+        parameters of their ``PipelineGrads`` locally, and raise ``RuntimeError`` when they were
+        built without one."""
 
     def grads(self) -> list[torch.Tensor]:
         """The reduced gradient tensors this rank holds (after ``after_backward``), for the
@@ -118,11 +141,13 @@ class GradStrategy(Protocol):
 
 def build_grad_strategy(zero: int, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *,
                         bucket_mb: float = 25.0, precision: PrecisionPolicy, offload: str | None = "none",
-                        offload_dir=None, **stage_options) -> GradStrategy:
+                        offload_dir=None, pipeline: PipelineGrads | None = None,
+                        **stage_options) -> GradStrategy:
     """The gradient strategy for ZeRO stage ``zero`` (0 = plain data parallel) of ``model``'s
     parameters over ``mesh.dp``, with its optimizer built by ``optimizer_factory``.
 
     ``offload``: "none", "cpu" (stages 1-3) or "nvme" (stage 3, with ``offload_dir``).
+    ``pipeline``: how a pipeline schedule delivers the gradients (stages 2 and 3 use it).
     ``stage_options`` go to the stage-3 strategy (``units``, ``prefetch``, ``offload_chunk_mb``).
     """
     offload = offload or "none"
@@ -139,24 +164,26 @@ def build_grad_strategy(zero: int, model: nn.Module, mesh: Mesh, optimizer_facto
         if stage_options:
             raise ValueError(f"ZeRO stage {zero} takes no options {sorted(stage_options)}")
         return ZeroStrategy(model, mesh, optimizer_factory, stage=zero, bucket_mb=bucket_mb,
-                            precision=precision, offload=offload, offload_dir=offload_dir)
+                            precision=precision, offload=offload, offload_dir=offload_dir,
+                            pipeline=pipeline if zero == 2 else None)
     if zero == 3:
         from .zero.stage3 import Stage3Strategy
 
         return Stage3Strategy(model, mesh, optimizer_factory, bucket_mb=bucket_mb, precision=precision,
-                              offload=offload, offload_dir=offload_dir, **stage_options)
+                              offload=offload, offload_dir=offload_dir, pipeline=pipeline, **stage_options)
     raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero!r}")
 
 
 def apply_data_parallel(owned: nn.Module, mesh: Mesh, zero: ZeroPolicy, offload: OffloadPolicy, *,
                         precision: PrecisionPolicy, optimizer_factory: OptimizerFactory,
-                        **stage_options) -> GradStrategy:
+                        pipeline: PipelineGrads | None = None, **stage_options) -> GradStrategy:
     """The last ``apply_*`` step: data parallelism (or ZeRO stage ``zero.stage``, with
     ``offload``) over ``mesh.dp`` for the parameters this rank trains (``owned``, under their
-    full-model names); the returned strategy owns the optimizer ``optimizer_factory`` builds."""
+    full-model names); the returned strategy owns the optimizer ``optimizer_factory`` builds.
+    ``pipeline``: the stages' ``PipelineGrads`` when a schedule runs the backward passes."""
     return build_grad_strategy(zero.stage, owned, mesh, optimizer_factory, bucket_mb=zero.bucket_mb,
                                precision=precision, offload=offload.kind, offload_dir=offload.dir,
-                               **stage_options)
+                               pipeline=pipeline, **stage_options)
 
 
 def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

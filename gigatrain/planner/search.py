@@ -126,9 +126,6 @@ def _structure_problems(job: Job, n: int, fixed: dict, gpn: int) -> list[str]:
                  f"{m.n_layer} blocks")
     if fixed.get("offload", "none") != "none" and fixed.get("zero") == 0:
         p.append(f"parallel.offload={fixed['offload']} needs parallel.zero >= 1")
-    if (pp or 1) > 1 and fixed.get("zero", 0) >= 2:
-        p.append(f"parallel.zero={fixed['zero']} with a pipeline: stages 2-3 do not keep the full gradients a "
-                 "pipeline accumulates; use zero 0 or 1")
     if fixed.get("schedule") == "interleaved" and fixed.get("virtual", 2) < 2:
         p.append("parallel.pp_schedule=interleaved needs parallel.pp_virtual >= 2")
     if fixed.get("virtual", 1) > 1 and fixed.get("schedule") not in (None, "interleaved", "zb"):
@@ -149,10 +146,10 @@ def search(job: Job, device, n_gpus: int, fixed: dict | None = None, *, gpus_per
     zero, offload, micro_batch, schedule, virtual, recompute, and ``microbatches`` per dp rank;
     ``schedule`` may also be a tuple of the kinds allowed).
 
-    Only layouts the engine could run are enumerated: ZeRO 2-3 without a pipeline, offload with
-    ZeRO >= 1, interleaved/zb chunks only when the micro-batches are a multiple of pp. Unless
-    fixed, tp stays inside a node and pp divides the blocks evenly (``even_stages``: uneven
-    stages idle the others). ``allowed_tp`` restricts tp (what the installed engine supports).
+    Only layouts the engine could run are enumerated: offload with ZeRO >= 1, interleaved/zb
+    chunks only when the micro-batches are a multiple of pp. Unless fixed, tp stays inside a node
+    and pp divides the blocks evenly (``even_stages``: uneven stages idle the others).
+    ``allowed_tp`` restricts tp (what the installed engine supports).
 
     Every layout that survives the memory bounds gets its memory and a lower bound of its step
     time; pipelines are then replayed in the order of that bound until the bound exceeds the
@@ -195,7 +192,7 @@ def search(job: Job, device, n_gpus: int, fixed: dict | None = None, *, gpus_per
             dp = n // (t * pp)
             if "dp" in fixed and fixed["dp"] != dp:
                 continue
-            zeros = _options(fixed, "zero", [0, 1] if pp > 1 else [0, 1, 2, 3])
+            zeros = _options(fixed, "zero", [0, 1, 2, 3])
             for zero in zeros:
                 offloads = _options(fixed, "offload", ["none", "cpu"] if zero >= 1 else ["none"])
                 for off in offloads:

@@ -44,6 +44,7 @@ class SingleStage:
     partition_text = ""
     # Nothing runs between backward and the optimizer step, so an update may overlap backward.
     updates_may_overlap_backward = True
+    pipeline_grads = None               # one backward per micro-batch, over the whole model
 
     def __init__(self, model: nn.Module, placements: Placements, device: torch.device):
         self.model = model.to(device)
@@ -113,8 +114,9 @@ class PipelineStages:
 
     def __init__(self, model: nn.Module, pp: Comm, policy: PipelinePolicy, placements: Placements,
                  device: torch.device, loss_fn, world: Comm):
+        from ..strategy import PipelineGrads
         from .partition import Partition, partition_model
-        from .runtime import PipelineRuntime, build_stage_modules
+        from .runtime import PipelineRuntime, build_stage_modules, tied_parameters
         from .schedules import build_schedule
 
         self.model, self.pp, self.policy, self.device = model, pp, policy, device
@@ -135,6 +137,11 @@ class PipelineStages:
                                        record=True, loss_fn=lambda out, y: loss_fn(out, y) * self._scale)
         self.owned = StagePart(model, self.runtime.parameters(), self.runtime.chunks)
         self.placements = stage_placements(model, self.owned, placements, pp.size)
+        tied = {id(p) for p in tied_parameters(model)}
+        # Tied copies are summed across pp ranks after the schedule (the runtime does it): the
+        # strategy must reduce them over dp only then.
+        self.pipeline_grads = PipelineGrads(
+            tuple(self.runtime.chunks), frozenset(n for n, p in self.owned.named_parameters() if id(p) in tied))
 
     def forward_backward(self, micro_batches: Sequence[Batch], scale: float, strategy, loss_fn,
                          autocast, profile) -> torch.Tensor:

@@ -42,6 +42,15 @@ known. So the overlapped update runs only when the caller announces the step wit
 ``begin_step(lr, overlap=True)``, promising no clipping, no loss scaling (``grad_coef == 1``) and
 no skipped step; otherwise the update waits for ``step``.
 
+Under a pipeline (``PipelineGrads``) a step runs one backward pass per micro-batch and chunk, in
+the schedule's order, interleaved with other passes. Stage 1 accumulates locally and reduces after
+the schedule, as without one. Stage 2 plans its buckets per chunk (a bucket never spans two
+chunks), counts each chunk's passes separately, and reduce-scatters a chunk's buckets as each of
+its passes delivers them (a zero-bubble schedule's W pass, for its parameter gradients); the
+in-flight buffer leaves the bucket at launch, so the chunk's next pass may fill it again. The
+tied weight's copies on the first and last stage are summed across pp ranks after the schedule,
+so those parameters (``late``) accumulate locally and leave in ``reduce_accumulated``.
+
 What differs between the two stages (when a bucket is reduce-scattered, where the reduced shard
 and the accumulated gradients live) is a small policy object, ``_Stage1Reduce`` or
 ``_Stage2Reduce``, chosen once at construction; the rest of the strategy, the optimizer over the
@@ -66,7 +75,7 @@ from .shards import (Segment, StateCodec, TorchStates, attach_pieces, decay_piec
                      optimizer_over, torch_step)
 
 if TYPE_CHECKING:
-    from ..strategy import OptimizerFactory
+    from ..strategy import OptimizerFactory, PipelineGrads
 
 OFFLOAD_CHOICES = ("none", "cpu")
 _META = torch.device("meta")
@@ -141,7 +150,10 @@ class _Stage1Reduce:
             sh.bucket.buffer.div_(self.zs.comm.size)
         return sh.bucket.buffer[sh.lo:sh.hi]
 
-    def landed(self, sh: _Shard, out: torch.Tensor) -> None:
+    def issued(self, sh: _Shard) -> None:
+        """The bucket's buffer is resident and reduced in place: nothing to hand over."""
+
+    def landed(self, sh: _Shard, out: torch.Tensor, issued) -> None:
         n = self.zs.comm.size
         if not self.prescale and n > 1:
             out.div_(n)                 # the sum -> the average, on the shard only
@@ -190,15 +202,22 @@ class _Stage2Reduce:
             for p, o in zip(b.params, b.offsets):
                 self._slot[id(p)] = (b, o)
         for p in zs.buckets.params:   # registered first: runs before the bucket counter
-            self._handles.append(p.register_post_accumulate_grad_hook(self._take_grad))
+            if id(p) not in zs.late:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._take_grad))
 
     def _take_grad(self, p: torch.Tensor) -> None:
         """Move a just-accumulated gradient into its bucket and drop ``param.grad``."""
         b, o = self._slot[id(p)]
         if b.buffer.device.type == "meta":
             self._acquire(b)
-        # Divided on the way in (free: the copy happens anyway) so the sum is the average.
-        torch.div(p.grad, self.zs.comm.size, out=b.buffer[o:o + p.numel()].view_as(p))
+        dst = b.buffer[o:o + p.numel()].view_as(p)
+        if id(p) in b.state["arrived"]:
+            # A second pass before the bucket left (it waits for an unused parameter of a
+            # pipeline chunk): accumulate.
+            dst.add_(p.grad / self.zs.comm.size)
+        else:
+            # Divided on the way in (free: the copy happens anyway) so the sum is the average.
+            torch.div(p.grad, self.zs.comm.size, out=dst)
         b.state["arrived"].add(id(p))
         p.grad = None
 
@@ -222,13 +241,22 @@ class _Stage2Reduce:
                 if id(p) not in arrived:
                     b.buffer[o:o + p.numel()].zero_()
         if sh.fresh and not self.zs.offload:
+            # Under a pipeline the next pass of this chunk may launch the bucket again before
+            # this reduce-scatter lands: that one must add, not overwrite.
+            sh.fresh = False
             return sh.grad
         return torch.empty(sh.shard_numel, dtype=self.zs.param_dtype, device=self.zs.device)
 
-    def landed(self, sh: _Shard, out: torch.Tensor) -> None:
+    def issued(self, sh: _Shard) -> torch.Tensor:
+        """Detach the in-flight buffer from its bucket (a pipeline's next pass may fill the
+        bucket while it travels); returned to the pool when the reduce-scatter lands."""
         b = sh.bucket
-        self.pool.give(b.state.pop("base"))
+        base = b.state.pop("base")
         b.buffer = torch.empty(b.padded_numel, dtype=self.zs.param_dtype, device=_META)
+        return base
+
+    def landed(self, sh: _Shard, out: torch.Tensor, issued: torch.Tensor) -> None:
+        self.pool.give(issued)
 
     def keep(self, sh: _Shard, out: torch.Tensor) -> None:
         if out is not sh.grad:
@@ -242,7 +270,17 @@ class _Stage2Reduce:
         pass    # the next delivery overwrites a fresh shard
 
     def reduce_accumulated(self) -> None:
-        raise RuntimeError("reduce_accumulated needs ZeRO stage 1 (stage 2 keeps no local gradients)")
+        zs = self.zs
+        if zs.pipeline is None:
+            raise RuntimeError("reduce_accumulated needs ZeRO stage 1, or stage 2 built with the pipeline's "
+                               "PipelineGrads (stage 2 keeps no local gradients)")
+        # The chunks' buckets left during the schedule; the late (tied) gradients are complete now.
+        for p in zs.buckets.params:
+            if id(p) in zs.late and p.grad is not None:
+                self._take_grad(p)
+                zs.buckets.arrived(p)
+        zs._sync = True
+        zs.after_backward()
 
     def close(self) -> None:
         remove_hooks(self._handles)
@@ -261,20 +299,19 @@ class ZeroStrategy:
 
     def __init__(self, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *, stage: int,
                  bucket_mb: float = 25.0, precision: PrecisionPolicy, offload: str | None = "none",
-                 offload_dir=None):
+                 offload_dir=None, pipeline: PipelineGrads | None = None):
         if stage not in (1, 2):
             raise ValueError(f"ZeroStrategy implements stages 1 and 2, not {stage}")
         offload = offload or "none"
         if offload not in OFFLOAD_CHOICES:
             raise ValueError(f"ZeRO stage {stage} supports offload 'none' or 'cpu', not {offload!r} "
                              f"(NVMe offload needs stage 3)")
-        if stage == 2 and mesh.pp.size > 1:
-            # Pipeline schedules interleave the backward passes of micro-batches and reduce once
-            # at the end (reduce_accumulated), which needs full local gradients: stage 1's layout.
-            raise ValueError("ZeRO stage 2 does not combine with pipeline parallelism (parallel.pp > 1): "
-                             "use zero=1, which shards the optimizer states and keeps the local gradients "
-                             "the pipeline accumulates into")
+        if stage == 2 and mesh.pp.size > 1 and pipeline is None:
+            raise ValueError("ZeRO stage 2 under a pipeline (pp > 1) needs the stages' PipelineGrads "
+                             "(apply_data_parallel(..., pipeline=stages.pipeline_grads)): it reduce-scatters "
+                             "each chunk's gradients as the schedule's backward passes end")
         self.stage = stage
+        self.pipeline = pipeline if stage == 2 else None
         self.model = model
         self.mesh = mesh
         self.comm = mesh.dp
@@ -288,16 +325,27 @@ class ZeroStrategy:
         if not trainable:
             raise ValueError("the model has no trainable parameters")
         names = {id(p): n for n, p in trainable}
+        late_names = self.pipeline.late if self.pipeline is not None else frozenset()
+        self.late = {id(p) for n, p in trainable if n in late_names}
         # Buckets are planned walking the list backwards, so putting the non-decaying parameters
         # first makes every bucket hold its decaying parameters before its non-decaying ones.
-        ordered = [p for n, p in trainable if not decays(n, p)] + [p for n, p in trainable if decays(n, p)]
+        # Under a pipeline that holds per pass (chunk), and the late parameters form a pass of
+        # their own, reduced after the schedule.
+        passes = _pass_labels(trainable, self.pipeline, self.late)
+        ordered, labels = [], []
+        for label in sorted(set(passes.values())):
+            mine = [(n, p) for n, p in trainable if passes[id(p)] == label]
+            for n, p in [(n, p) for n, p in mine if not decays(n, p)] + [(n, p) for n, p in mine if decays(n, p)]:
+                ordered.append(p)
+                labels.append(label)
         self._broadcast_untracked()
 
         policy_cls = _Stage1Reduce if stage == 1 else _Stage2Reduce
         lp_size = torch.empty((), dtype=self.param_dtype).element_size()
         bucket_bytes = max(1, int(bucket_mb * 2**20 * ordered[0].element_size() / lp_size))
         self.buckets = GradBuckets(ordered, bucket_bytes, align=n_ranks, dtype=self.param_dtype,
-                                   device=policy_cls.bucket_device or self.device)
+                                   device=policy_cls.bucket_device or self.device,
+                                   passes=labels if self.pipeline is not None else None)
         sizes = [b.padded_numel // n_ranks for b in self.buckets.buckets]
         self.shard_numel = total = sum(sizes)
         self.policy = policy_cls(self)
@@ -336,9 +384,9 @@ class ZeroStrategy:
         self._shard_of = {sh.bucket.index: sh for sh in self.shards}
 
         self.policy.install()
-        self.buckets.register_hooks(self._on_ready)
+        self.buckets.register_hooks(self._on_ready, skip=self.late)
         self._sync = True
-        self._pending: list[tuple[_Shard, object, torch.Tensor]] = []
+        self._pending: list[tuple[_Shard, object, torch.Tensor, object]] = []
         self._chunks: list[list[_Shard]] = _chunk(self.shards, max(b.padded_numel for b in self.buckets.buckets))
         self._worker = Worker() if self.offload else None
         self._overlap: _Overlap | None = None
@@ -399,20 +447,20 @@ class ZeroStrategy:
         sh = self._shard_of[b.index]
         out = self.policy.launch(sh)
         work = self.comm.reduce_scatter(out, b.buffer, async_op=True)
-        self._pending.append((sh, work, out))
+        self._pending.append((sh, work, out, self.policy.issued(sh)))
         self._drain(keep=self.MAX_IN_FLIGHT)
 
     def _drain(self, keep: int) -> None:
         """Finish reduce-scatters in launch order: those already done, and older ones until at
         most ``keep`` are in flight (which bounds the stage-2 buffers alive at once)."""
         while self._pending:
-            sh, work, out = self._pending[0]
+            sh, work, out, issued = self._pending[0]
             if len(self._pending) <= keep and work is not None and not work.is_completed():
                 return
             self._pending.pop(0)
             if work is not None:
                 work.wait()
-            self.policy.landed(sh, out)
+            self.policy.landed(sh, out, issued)
             self._deliver(sh, out)
             sh.fresh = False
 
@@ -553,6 +601,20 @@ class ZeroStrategy:
             self._worker.shutdown()
         self.buckets.remove_hooks()
         self.policy.close()
+
+
+def _pass_labels(trainable: list[tuple[str, nn.Parameter]], pipeline: PipelineGrads | None,
+                 late: set[int]) -> dict[int, int]:
+    """Which backward pass delivers each parameter's gradient (by id): 0 without a pipeline;
+    the index of its chunk under one, and one more label for the late parameters."""
+    if pipeline is None:
+        return {id(p): 0 for _, p in trainable}
+    chunk_of: dict[int, int] = {}
+    for i, c in enumerate(pipeline.chunks):
+        for p in c.parameters():
+            chunk_of.setdefault(id(p), i)
+    n = len(pipeline.chunks)
+    return {id(p): n if id(p) in late else chunk_of.get(id(p), n) for _, p in trainable}
 
 
 def _chunk(shards: list[_Shard], limit: int) -> list[list[_Shard]]:

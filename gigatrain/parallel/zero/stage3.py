@@ -48,6 +48,19 @@ the full unsharded gradients (P values) between micro-steps, which stage 3 exist
 each micro-step gathers the parameters twice anyway, so the extra reduce-scatter adds a third to
 that micro-step's traffic. torch FSDP2 and DeepSpeed do the same by default.
 
+Under a pipeline (``PipelineGrads``) the runtime calls the chunks, never the model, and runs
+each micro-batch's forward and backward pass of a chunk as its own action, interleaved with
+others. The units are then the blocks of this rank's chunks, plus the root (stem, head and the
+tied weight's copy). A block is gathered by its forward pre-hook and, for each backward pass, by
+the hook on that forward's output; it is released when the pass has delivered its gradients
+(reduce-scattered at once) and no other pass is between its B and W (zero-bubble schedules split
+them; W may follow other micro-batches' forward passes). The root is gathered at the first chunk
+forward that uses it and stays so for the whole schedule: its gradient (a tied weight's copies
+summed across pp ranks by the runtime) is complete only after the schedule and is reduced by
+``reduce_accumulated``. Every dp rank of a pp coordinate runs the same actions in the same order,
+so the gathers and reduce-scatters match; no prefetch is attempted (the next block depends on
+the schedule).
+
 Assumption: every rank produces gradients for the same parameters in the same order in a
 backward (true for any model without data-dependent control flow), since collectives are issued
 from autograd hooks.
@@ -73,7 +86,7 @@ from .shards import (FlatFileStates, Segment, StateCodec, TorchStates, attach_pi
                      local_sq_norm, optimizer_over, torch_step)
 
 if TYPE_CHECKING:
-    from ..strategy import OptimizerFactory
+    from ..strategy import OptimizerFactory, PipelineGrads
 
 _FREE, _GATHERING, _FULL = "free", "gathering", "full"
 
@@ -140,6 +153,7 @@ class _Unit(Segment):
     ready: set = field(default_factory=set)   # ids of parameters whose gradient has arrived
     reduced: bool = False               # reduce-scattered in the current backward
     bwd_gathered: bool = False          # gathered for the current backward
+    open: int = 0                       # under a pipeline: backward passes begun, not yet reduced
 
 
 
@@ -159,9 +173,12 @@ class Stage3Strategy:
             update on the CPU: ``offload.HostShard``, as for stages 1 and 2) or
             "nvme" (master + states in files under ``offload_dir``; AdamW, Adam or SGD).
         offload_dir: folder for ``offload="nvme"``.
-        units: the modules to treat as units (default: ``default_units(model)``).
+        units: the modules to treat as units (default: ``default_units(model)``, or under a
+            pipeline the blocks of every chunk).
         prefetch: start the next unit's all-gather while the current one computes.
         offload_chunk_mb: chunk size of the NVMe optimizer's streamed pass.
+        pipeline: the stages' ``PipelineGrads`` when a pipeline schedule runs the forward and
+            backward passes (see "Under a pipeline" in the module docstring).
     """
 
     stage = 3
@@ -169,14 +186,18 @@ class Stage3Strategy:
     def __init__(self, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *,
                  bucket_mb: float = 25.0, precision: PrecisionPolicy, offload: str = "none", offload_dir=None,
                  units: Sequence[nn.Module] | None = None, prefetch: bool = True,
-                 offload_chunk_mb: float = 32.0):
+                 offload_chunk_mb: float = 32.0, pipeline: PipelineGrads | None = None):
         if offload not in ("none", "cpu", "nvme"):
             raise ValueError(f"offload must be none, cpu or nvme; got {offload!r}")
         if offload == "nvme" and not offload_dir:
             raise ValueError("offload='nvme' needs offload_dir (parallel.offload_dir): a folder on a "
                              "fast local disk")
+        if mesh.pp.size > 1 and pipeline is None:
+            raise ValueError("ZeRO stage 3 under a pipeline (pp > 1) needs the stages' PipelineGrads "
+                             "(apply_data_parallel(..., pipeline=stages.pipeline_grads))")
         self.model = model
         self.mesh = mesh
+        self.pipeline = pipeline
         self.comm: Comm = mesh.dp
         self.device = mesh.device
         self.offload = offload
@@ -199,7 +220,10 @@ class Stage3Strategy:
         self._host_grad: HostBuffer | None = None
         self._nan = torch.full((), float("nan"), dtype=self.dtype, device=self.device)
 
-        self._build_units(units if units is not None else default_units(model))
+        if units is None:
+            units = default_units(model) if pipeline is None else \
+                [u for c in pipeline.chunks for u in default_units(c)]
+        self._build_units(units)
         self._init_shards()
         self._register_hooks()
         self.optimizer = self._build_optimizer(optimizer_factory)
@@ -343,6 +367,9 @@ class Stage3Strategy:
 
     # -- hooks ------------------------------------------------------------------------------------
     def _register_hooks(self) -> None:
+        if self.pipeline is not None:
+            self._register_pipeline_hooks()
+            return
         h = self._handles
         h.append(self.model.register_forward_pre_hook(_weak(self._root_pre_forward)))
         h.append(self.model.register_forward_hook(_weak(self._root_post_forward)))
@@ -437,10 +464,68 @@ class Stage3Strategy:
         if len(u.ready) == len(u.params) and not u.reduced:
             self._reduce(u)
 
+    # -- under a pipeline ---------------------------------------------------------------------------
+    def _register_pipeline_hooks(self) -> None:
+        h = self._handles
+        root_ids = {id(p) for p in self.root.params} if self.root else set()
+        for c in self.pipeline.chunks:
+            if any(id(p) in root_ids for p in c.parameters()):
+                h.append(c.register_forward_pre_hook(_weak(self._chunk_pre_forward)))
+                h.append(c.register_forward_hook(_weak(self._chunk_post_forward)))
+        for m, u in zip(self._modules, self.blocks):
+            h.append(m.register_forward_pre_hook(_weak(self._pass_pre_forward, u)))
+            h.append(m.register_forward_hook(_weak(self._pass_post_forward, u)))
+            for p in u.params:
+                h.append(p.register_post_accumulate_grad_hook(_weak(self._pass_on_grad, u)))
+
+    def _chunk_pre_forward(self, module, args) -> None:
+        # Kept gathered for the whole schedule: the root's gradient (a tied weight's included)
+        # is complete only after it, and is reduced by reduce_accumulated.
+        self._ensure_full(self.root)
+
+    def _chunk_post_forward(self, module, args, output) -> None:
+        if not torch.is_grad_enabled() and not _in_backward():
+            self._free(self.root)           # evaluation or sampling: no backward follows
+
+    def _pass_pre_forward(self, u: _Unit, module, args) -> None:
+        self._ensure_full(u)
+
+    def _pass_post_forward(self, u: _Unit, module, args, output) -> None:
+        if _in_backward():
+            return
+        if torch.is_grad_enabled():
+            token = [False]                 # this forward's backward pass has begun
+            hooked = False
+            for t in _tensors(output):
+                if t.requires_grad:
+                    t.register_hook(_weak(self._pass_pre_backward, u, token))
+                    hooked = True
+            if not hooked:                  # cannot see when its backward begins: keep it
+                u.open += 1
+        if u.open == 0:
+            self._free(u)
+
+    def _pass_pre_backward(self, u: _Unit, token: list, grad) -> None:
+        # A zero-bubble B pass gathers the block and its W pass (later, possibly after other
+        # micro-batches' forward passes) delivers the gradients: it stays gathered in between.
+        if not token[0]:
+            token[0] = True
+            u.open += 1
+        self._ensure_full(u)
+
+    def _pass_on_grad(self, u: _Unit, p: nn.Parameter) -> None:
+        u.ready.add(id(p))
+        if len(u.ready) == len(u.params):
+            self._reduce(u, release=False)
+            u.open = max(0, u.open - 1)
+            if u.open == 0:
+                self._free(u)
+
     # -- gradients --------------------------------------------------------------------------------
     @torch.no_grad()
-    def _reduce(self, u: _Unit) -> None:
-        """Pack ``u``'s gradients, release its parameters, start the reduce-scatter."""
+    def _reduce(self, u: _Unit, release: bool = True) -> None:
+        """Pack ``u``'s gradients, release its parameters (unless told not to: a pipeline may
+        still need them), start the reduce-scatter."""
         g = torch.empty(u.padded, dtype=self.dtype, device=self.device)
         for p, o in zip(u.params, u.offsets):
             dst = g[o:o + p.numel()]
@@ -453,7 +538,8 @@ class Stage3Strategy:
             g[u.numel:].zero_()
         u.reduced = True
         u.ready.clear()
-        self._free(u)
+        if release:
+            self._free(u)
         if self.comm.size > 1:
             # Dividing first makes SUM an average and keeps fp16/bf16 sums in range.
             g.div_(self.comm.size)
@@ -495,7 +581,23 @@ class Stage3Strategy:
         self._bwd_cursor = -1
 
     def reduce_accumulated(self) -> None:
-        raise RuntimeError("reduce_accumulated needs ZeRO stage 1 (stage 3 keeps no local gradients)")
+        """After a pipeline schedule: reduce the root's gradients (accumulated over the
+        micro-batches; a tied weight's copies summed across pp ranks by now) and any block whose
+        passes missed a parameter, finish every reduce-scatter, release every unit."""
+        if self.pipeline is None:
+            raise RuntimeError("reduce_accumulated needs ZeRO stage 1, or stage 3 built with the pipeline's "
+                               "PipelineGrads (stage 3 keeps no local gradients)")
+        for u in self.units:
+            if any(p.grad is not None for p in u.params):
+                self._reduce(u)
+        while self._pending:
+            self._finish_one()
+        for u in self.units:
+            self._free(u)
+            u.reduced = False
+            u.bwd_gathered = False
+            u.ready.clear()
+            u.open = 0
 
     def grads(self) -> list[torch.Tensor]:
         return [self.grad]
