@@ -37,18 +37,55 @@ def device_peak_flops(device: torch.device, precision: str = "bf16") -> float | 
     return None
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak device memory allocated by this process (CPU: peak resident set size)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+def peak_host_bytes() -> int:
+    """Peak resident set size of this process: the kernel's high-water mark (``VmHWM``), or
+    ``getrusage``'s ``ru_maxrss`` where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def peak_device_bytes(device: torch.device) -> int | None:
+    """Peak device memory allocated by this process; None without an accelerator."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def peak_memory(comm, device: torch.device) -> dict:
+    """``{"peak_host_bytes": ..., "peak_mem_bytes": ...}``: the largest peaks over the ranks of
+    ``comm`` (a ``Comm``; None: this process alone), ``peak_mem_bytes`` None without an
+    accelerator. Collective over ``comm``: one all-reduce of two numbers."""
+    import torch.distributed as dist
+
+    dev = peak_device_bytes(device)
+    # float64 holds byte counts exactly up to 8 PiB.
+    t = torch.tensor([float(peak_host_bytes()), -1.0 if dev is None else float(dev)], dtype=torch.float64,
+                     device=device)
+    if comm is not None:
+        comm.all_reduce(t, op=dist.ReduceOp.MAX)
+    host, dev = t.tolist()
+    return {"peak_host_bytes": int(host), "peak_mem_bytes": None if dev < 0 else int(dev)}
+
+
+def format_peaks(peaks: dict) -> str:
+    """One line for the end of a run."""
+    gib = 2**30
+    dev = "n/a" if peaks.get("peak_mem_bytes") is None else f"{peaks['peak_mem_bytes'] / gib:.2f} GiB"
+    return f"peak memory per rank (largest over ranks): host {peaks['peak_host_bytes'] / gib:.2f} GiB, device {dev}"
 
 
 def step_metrics(*, step: int, loss: float, lr: float, grad_norm: float, seconds: float,
                  samples: int, tokens_per_sample: int, flops_per_sample: float, world_size: int,
                  device: torch.device, precision: str, **extra) -> dict:
-    """One JSON-able record for ``metrics.jsonl``; throughput is for the whole job."""
+    """One JSON-able record for ``metrics.jsonl``; throughput is for the whole job. Memory peaks
+    (``peak_memory``, a collective) come in ``extra``."""
     rate = samples / seconds if seconds > 0 else float("nan")
     tflops = flops_per_sample * rate / world_size / 1e12 if seconds > 0 else float("nan")
     peak = device_peak_flops(device, precision)
@@ -62,7 +99,6 @@ def step_metrics(*, step: int, loss: float, lr: float, grad_norm: float, seconds
         "tokens_per_s": rate * tokens_per_sample if tokens_per_sample > 1 else None,
         "tflops_per_device": tflops,
         "mfu": tflops * 1e12 / peak if peak else None,
-        "peak_mem_bytes": peak_memory_bytes(device),
     }
     rec.update(extra)
     return rec

@@ -25,7 +25,7 @@ from .distributed.mesh import Mesh, ParallelDims
 from .distributed.watchdog import Watchdog, inject_hang
 from .api import parallelize
 from .engine import Engine, StepHook
-from .metrics import MetricsLogger, Progress, Timer, step_metrics
+from .metrics import MetricsLogger, Progress, Timer, format_peaks, peak_memory, step_metrics
 from .models import build_model
 from .optim import build_optimizer, lr_at
 from .parallel.policies import plan_from_config
@@ -44,6 +44,8 @@ class TrainResult:
     comm_sent: dict = field(default_factory=dict)
     stopped_by: int = 0                 # the signal that stopped the run early (see ``stop``)
     stop_checkpoint: str | None = None  # the checkpoint written when it stopped
+    # peak_host_bytes and peak_mem_bytes at the end of the run, largest over the ranks
+    peak_memory: dict = field(default_factory=dict)
 
 
 class InjectOverflow(StepHook):
@@ -192,7 +194,8 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
                                tokens_per_sample=model.tokens_per_sample, flops_per_sample=flops,
                                world_size=world, device=device, precision=policy.name,
                                skipped=res.skipped, nonfinite=res.nonfinite, loss_scale=res.loss_scale,
-                               **(res.times or {}), loader_wait_s=loader_wait)
+                               **(res.times or {}), loader_wait_s=loader_wait,
+                               **peak_memory(mesh.world, device))
             if res.bubble is not None:
                 rec["pipeline_bubble"] = res.bubble
             if evaluate is not None and (done % t.eval_every == 0 or done == end):
@@ -256,6 +259,9 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
         if show:
             print("\n--- sample ---\n" + result.sample + "\n--------------", flush=True)
     result.comm_sent = mesh.stats.summary()
+    result.peak_memory = peak_memory(mesh.world, device)
+    if show:
+        print(format_peaks(result.peak_memory), flush=True)
     engine.close()
     return result
 

@@ -45,6 +45,7 @@ def test_default_job_finishes_with_sample_and_eval(name, tmp_path):
     assert len(sample) >= 40, sample
     assert "step 4: val loss" in r.stdout and "step 2: val loss" in r.stdout
     assert (out / "checkpoints" / "step_000004" / "meta.json").is_file()
+    assert "peak memory per rank (largest over ranks): host " in r.stdout
     _check_flops_per_device(out, NPROC.get(name, 2))
 
 

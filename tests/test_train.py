@@ -101,7 +101,10 @@ def test_run_outputs(runs):
     lines = (tmp / "adamw2" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 10
     rec = json.loads(lines[-1])
-    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "peak_mem_bytes"):
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "peak_mem_bytes",
+                "peak_host_bytes"):
         assert key in rec
     assert rec["mfu"] is None and rec["tokens_per_s"] > 0 and rec["step"] == 10
+    # CPU: no device memory; the host peak is the largest resident set over both ranks.
+    assert rec["peak_mem_bytes"] is None and 50 * 2**20 < rec["peak_host_bytes"] < 64 * 2**30
     assert load_config(str(tmp / "adamw2" / "config.yaml"), []).parallel.dp == 2
