@@ -7,6 +7,7 @@ per operation and group:
 - ``payload``: bytes of the tensor handed to the collective on this rank;
 - ``sent``: bytes this rank sends with the bandwidth-optimal (ring) algorithm:
   all-reduce 2(N-1)/N x size, reduce-scatter and all-gather (N-1)/N x the full size,
+  all-to-all (N-1)/N x the size,
   broadcast size (root) / 0, point-to-point sends the message size.
 
 Every operation is also recorded in an ``OpLog`` (per rank, shared by the mesh's groups) for the
@@ -273,6 +274,17 @@ class Comm:
         n = _nbytes(out)
         self._count("all_gather", _nbytes(inp), n * (self.size - 1) / self.size)
         return self._recorded("all_gather", [tuple(inp.shape)], lambda: _all_gather_flat(
+            out, inp, group=self.group, async_op=async_op), async_op)
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+        """``inp`` holds ``size`` equal chunks; chunk j goes to rank j, and ``out``'s chunk i is
+        what rank i sent here."""
+        if self.size == 1:
+            out.copy_(inp)
+            return None
+        n = _nbytes(inp)
+        self._count("all_to_all", n, n * (self.size - 1) / self.size)
+        return self._recorded("all_to_all", [tuple(inp.shape)], lambda: dist.all_to_all_single(
             out, inp, group=self.group, async_op=async_op), async_op)
 
     def broadcast(self, t: torch.Tensor, src: int = 0, async_op: bool = False):

@@ -48,7 +48,14 @@ def build_optimizer(tcfg, groups: list[dict], device: torch.device) -> torch.opt
         for g, given in zip(groups, given_groups):
             g.update({k: given[k] for k in ("spans", "shard_keys", "shard_comm") if k in given})
         return Lamb(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=1e-6)
-    raise ValueError(f"unknown optimizer {tcfg.optimizer!r}: use adamw, lamb or sgd")
+    if tcfg.optimizer == "onebit_adam":
+        from .onebit import OneBitAdam
+
+        # The data-parallel group its compressed all-reduce runs over (plain data parallel).
+        for g, given in zip(groups, given_groups):
+            g["dp_comm"] = given.get("dp_comm")
+        return OneBitAdam(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=1e-8, warmup=tcfg.onebit_warmup)
+    raise ValueError(f"unknown optimizer {tcfg.optimizer!r}: use adamw, lamb, onebit_adam or sgd")
 
 
 __all__ = ["build_optimizer", "decays", "lr_at", "param_groups"]

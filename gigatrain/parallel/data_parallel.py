@@ -92,20 +92,30 @@ class DataParallel:
 
 class Stage0Strategy:
     """Plain data parallel as a ``GradStrategy``: full gradients, all-reduced in buckets, and the
-    optimizer ``optimizer_factory`` builds over the whole model on every rank."""
+    optimizer ``optimizer_factory`` builds over the whole model on every rank.
+
+    The parameter groups carry ``dp_comm`` (the data-parallel group). An optimizer that
+    communicates itself instead of gradients (1-bit Adam after its warm-up) says so with
+    ``local_gradients``; for such steps the buckets are not all-reduced, and the gradient norm is
+    the root mean square over ranks of each rank's own norm (the same on every rank)."""
 
     def __init__(self, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *,
                  bucket_mb: float = 25.0, precision: PrecisionPolicy | None = None):
         self.model = model
         self.mesh = mesh
         self.dp = DataParallel(model, mesh.dp, bucket_mb)
-        self.optimizer = optimizer_factory(param_groups(model.named_parameters()))
+        groups = param_groups(model.named_parameters())
+        for g in groups:
+            g["dp_comm"] = mesh.dp
+        self.optimizer = optimizer_factory(groups)
         self._codec = whole_model_codec(model, mesh.device)
+        self._local = False
 
     def set_sync(self, sync: bool) -> None:
-        self.dp.set_sync(sync)
+        self.dp.set_sync(sync and not self._local)
 
     def begin_step(self, lr: float, *, overlap: bool = False) -> bool:
+        self._local = bool(getattr(self.optimizer, "local_gradients", False))
         return False
 
     def after_backward(self) -> None:
@@ -114,7 +124,7 @@ class Stage0Strategy:
     def reduce_accumulated(self) -> None:
         """Reduce every bucket now (gradients were accumulated with sync off)."""
         self.dp.buckets.reset()
-        self.dp.set_sync(True)
+        self.dp.set_sync(not self._local)
         self.dp.after_backward()
 
     def grads(self) -> list[torch.Tensor]:
@@ -126,6 +136,8 @@ class Stage0Strategy:
         for n, p in self.model.named_parameters():
             if n in skip:
                 sq -= float(p.grad.float().pow(2).sum())
+        if self._local:
+            sq = self.mesh.dp.all_reduce_scalar(sq, device=self.mesh.device) / self.mesh.dp.size
         return sq
 
     def zero_grad(self) -> None:
@@ -144,6 +156,13 @@ class Stage0Strategy:
 
     def load_full_state(self, params, optim) -> None:
         self._codec.load(params, optim, load_whole_master, TorchStates(self.optimizer))
+
+    def state_pieces(self):
+        """Whole parameters and states, the same on every dp rank (``replicated``)."""
+        return self._codec.pieces(whole_master, TorchStates(self.optimizer), replicated=True)
+
+    def load_pieces(self, source) -> None:
+        self._codec.load_pieces(source, load_whole_master, TorchStates(self.optimizer), whole_values=True)
 
     def host_tensors(self) -> list[torch.Tensor]:
         return []
