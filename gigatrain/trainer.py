@@ -334,7 +334,8 @@ def _save(cfg, engine: Engine, root: Path, step: int, rank: int, mesh: Mesh, dev
     if step != engine.step_count:
         raise RuntimeError(f"saving step {step} but the engine is at step {engine.step_count}")
     try:
-        engine.save(root, meta={"config": cfg.model_dump(mode="json")}, keep=cfg.checkpoint.keep)
+        engine.save(root, meta={"config": cfg.model_dump(mode="json")}, keep=cfg.checkpoint.keep,
+                    async_save=cfg.checkpoint.async_save)
     except ckpt.NonFiniteCheckpointError as e:
         raise TrainingDiverged(str(e)) from None
 

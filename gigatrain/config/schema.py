@@ -121,7 +121,6 @@ def _int_tuple(value: Any) -> Any:
 class ParallelConfig(_Section):
     """How the work is split over processes."""
 
-    auto: bool = Field(False, description="Let the planner choose the layout before launch: the predicted fastest that fits the job's world size and device (`parallel.*` degrees, sequence parallel, ZeRO stage, offload, schedule, `train.micro_batch`, `train.recompute`); layout keys given in the config file or on the command line stay as given. The choice is printed in one line.")
     dp: Optional[int] = Field(None, ge=1, description="Data-parallel degree (null = world size / (pp x tp)).")
     pp: int = Field(1, ge=1, description="Pipeline-parallel degree (stages).")
     tp: int = Field(1, ge=1, description="Tensor-parallel degree: attention heads, MLP width and vocabulary split over tp ranks (innermost in the rank order, so a tp group stays inside a node). Must divide `model.n_head`, `model.d_model` and the padded vocabulary.")
@@ -152,6 +151,7 @@ class CheckpointConfig(_Section):
     every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = only at the end).")
     dir: Optional[str] = Field(None, description="Checkpoint folder (null = `<out>/checkpoints`).")
     keep: int = Field(3, ge=0, description="Keep the newest N checkpoints (0 = keep all).")
+    async_save: bool = Field(False, description="Write checkpoints from a background thread: each rank copies its pieces to host memory (the only pause, plus one all-reduce), training goes on while the files are written, and the next save (or the end of the run) waits for them. Costs host memory for one copy of the rank's part of the state.")
 
 
 class DebugConfig(_Section):

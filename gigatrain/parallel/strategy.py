@@ -130,6 +130,16 @@ class GradStrategy(Protocol):
         the parameters only. Raises ``KeyError`` for a missing parameter and ``ValueError`` for a
         shape mismatch, before changing anything."""
 
+    def state_pieces(self) -> tuple[list, dict[tuple[str, str], float]]:
+        """(pieces, scalars): what this rank holds of the parameters and optimizer states, as
+        ``zero.shards.StatePiece``s (ranges of each parameter's flattened tensor, ``replicated``
+        where every dp rank holds the same), and the scalar states it records, by (parameter
+        name, key). No communication: a sharded checkpoint writes them rank by rank."""
+
+    def load_pieces(self, source) -> None:
+        """Load this rank's part from ``source`` (a ``zero.shards.PieceSource``: a sharded
+        checkpoint saved in any layout), reading only what the rank holds."""
+
     def host_tensors(self) -> list[torch.Tensor]:
         """Tensors the strategy keeps in host memory for offload (empty without offload), so
         ``memory.measure_model_state_bytes`` counts them as host bytes."""

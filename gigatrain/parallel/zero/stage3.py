@@ -706,6 +706,15 @@ class Stage3Strategy:
         """Load full (unsharded) state saved by any stage / world size: each rank slices its shard."""
         self._codec.load(params, optim, self._load_master, self._states)
 
+    def state_pieces(self):
+        """This rank's shard of every unit: master values and optimizer states."""
+        return self._codec.pieces(self._master_of, self._states)
+
+    @torch.no_grad()
+    def load_pieces(self, source) -> None:
+        """Only this rank's shard of every unit, values and optimizer states."""
+        self._codec.load_pieces(source, self._load_master, self._states, whole_values=False)
+
     # -- introspection ----------------------------------------------------------------------------
     def host_tensors(self) -> list[torch.Tensor]:
         """The tensors kept in host memory for offload (``memory.measure_model_state_bytes``
