@@ -92,7 +92,7 @@ def _rank_tensors(model: nn.Module, owned: nn.Module, *, sharded: bool) -> dict[
 
 def initialize(model: nn.Module, config: str | os.PathLike | dict | Any = None, *,
                loss_fn: Callable | None = None, optimizer_factory: OptimizerFactory | None = None,
-               init_fn: InitFn | None = None) -> Engine:
+               init_fn: InitFn | None = None, weights: str | os.PathLike | None = None) -> Engine:
     """Make ``model`` train under the layout ``config`` describes; returns the ``Engine``.
 
     ``config``: a config file path, a dict of the same keys (``{"parallel": {"zero": 3}}``), a
@@ -111,6 +111,9 @@ def initialize(model: nn.Module, config: str | os.PathLike | dict | Any = None, 
     the module's name, so every layout starts from the same values (a model that defines
     ``init_seed`` and ``init_module``, as gigatrain's do, needs no ``init_fn``). A materialised
     model is used as it is.
+
+    ``weights``: a folder ``gigatrain export`` wrote (consolidated safetensors under the model's
+    parameter names); the model starts from those values, each rank reading only its slices.
     """
     from .config import Config, config_from_dict, load_config, resolve_for_world
     from .distributed.launch import init_distributed, read_env
@@ -140,6 +143,8 @@ def initialize(model: nn.Module, config: str | os.PathLike | dict | Any = None, 
     if is_meta(model):
         init = KeyedInit.capture(model, t.seed, init_fn) if init_fn is not None else KeyedInit.of_model(model)
     engine = parallelize(model, mesh, optimizer_factory, plan, loss_fn=loss_fn, init=init)
+    if weights is not None:
+        engine.load_weights(weights)
     engine.config = cfg
     engine.owns_process_group = created
     engine.lr_schedule = lambda step: lr_at(step, kind=t.schedule, lr=t.lr, total_steps=t.steps,

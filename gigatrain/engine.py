@@ -410,6 +410,17 @@ class Engine:
         """This rank's slices of a sharded checkpoint."""
         self._load_slices(_SlicedSource(reader, self._box))
 
+    def load_weights(self, folder: str | Path) -> None:
+        """Parameters and persistent buffers from a consolidated safetensors model (what
+        ``gigatrain export`` writes, under the model's parameter names), each rank reading only
+        the slices it holds; the optimizer state and ``step_count`` are left as they are.
+        Collective only in that every rank must call it. Raises ``ValueError`` when a tensor is
+        missing or its shape differs, before changing anything."""
+        from .export import ConsolidatedReader
+
+        self.wait_for_save()
+        self._load_slices(_WeightsSource(ConsolidatedReader(folder), self._box))
+
     def _load_slices(self, source) -> None:
         """Check names and whole shapes against the model, then let the strategy read its part."""
         buffers = self._owned_buffers()
@@ -483,3 +494,24 @@ class _SlicedSource:
     def scalar(self, name: str, key: str) -> float | None:
         return self.reader.scalar(name, key)
 
+
+class _WeightsSource:
+    """An exported model (parameters only) seen through this rank's slices (``PieceSource``)."""
+
+    def __init__(self, reader, box):
+        self.reader, self.box = reader, box
+
+    def has(self, name: str) -> bool:
+        return self.reader.has(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.shape(name)
+
+    def read(self, name: str, key: str | None, start: int, end: int) -> torch.Tensor:
+        return self.reader.read(name, self.box(name), start, end)
+
+    def state_keys(self, name: str) -> list[str]:
+        return []
+
+    def scalar(self, name: str, key: str) -> float | None:
+        return None
