@@ -1,6 +1,10 @@
 """Layout-independent checkpoints: save in one layout, load in any other.
 
-A checkpoint is a directory::
+The engine writes sharded checkpoints (``checkpoint_sharded``: every rank its own pieces, an
+index, slice reads on load). This module holds what both formats share (atomic publication,
+``latest``, resuming, RNG state, rotation, setting diverged checkpoints aside) and the older,
+whole-tensor format, which ``load_checkpoint`` still reads. In that format a checkpoint is a
+directory::
 
     step_000010/
       model*.safetensors     every parameter, full (unsharded) fp32, keyed by its module name
@@ -49,6 +53,7 @@ class LoadedCheckpoint:
     params: dict[str, torch.Tensor]
     optim: dict[str, dict[str, torch.Tensor]]
     rng: dict[str, torch.Tensor] | None
+    reader: object = None       # a sharded checkpoint's ``ShardedReader``
 
 
 def _flatten_optim(optim: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -244,8 +249,11 @@ def resolve_resume(resume: str | None, default_root: str | Path) -> Path | None:
     return latest
 
 
-def load_checkpoint(path: str | Path, rank: int = 0) -> LoadedCheckpoint:
-    """Read a checkpoint directory; only JSON and safetensors are parsed, never pickle."""
+def load_checkpoint(path: str | Path, rank: int = 0, *, tensors: bool = True) -> LoadedCheckpoint:
+    """Read a checkpoint directory; only JSON and safetensors are parsed, never pickle.
+
+    A sharded checkpoint comes with its ``reader``; ``params``/``optim`` are then assembled
+    whole only when ``tensors`` (tools and tests: the engine reads its own slices instead)."""
     path = Path(path)
     meta_path = path / META
     if not meta_path.is_file():
@@ -258,8 +266,20 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> LoadedCheckpoint:
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         what = "has no integer step" if isinstance(meta, dict) else f"holds a JSON {type(meta).__name__}"
         raise CheckpointError(f"{meta_path} {what}, not the checkpoint's step and config; {damaged}.")
-    if meta.get("format") != "gigatrain-checkpoint-v1":
+    from .checkpoint_sharded import FORMAT as SHARDED, ShardedReader
+
+    if meta.get("format") not in ("gigatrain-checkpoint-v1", SHARDED):
         raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}.")
+    reader = None
+    try:
+        if meta["format"] == SHARDED:
+            reader = ShardedReader.open(path)
+            params, optim = _assemble(reader) if tensors else ({}, {})
+            return LoadedCheckpoint(path, int(meta["step"]), meta, params, optim, _read_rng(path, rank), reader)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the sharded checkpoint ({e}); {damaged}.") from e
     try:
         params: dict[str, torch.Tensor] = {}
         flat_optim: dict[str, torch.Tensor] = {}
@@ -274,9 +294,29 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> LoadedCheckpoint:
         raise
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"{path}: cannot read tensors ({e}). Only safetensors files are loaded.") from e
+    return LoadedCheckpoint(path, int(meta["step"]), meta, params, optim, _read_rng(path, rank))
+
+
+def _read_rng(path: Path, rank: int) -> dict[str, torch.Tensor] | None:
     rng_file = path / f"rng_rank{rank}.safetensors"
     try:
-        rng = load_file(str(rng_file)) if rng_file.is_file() else None
+        return load_file(str(rng_file)) if rng_file.is_file() else None
     except Exception as e:
         raise CheckpointError(f"{rng_file}: cannot read the RNG state ({e}).") from e
-    return LoadedCheckpoint(path, int(meta["step"]), meta, params, optim, rng)
+
+
+def _assemble(reader) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Whole tensors of a sharded checkpoint, with scalar states, as the older format held them."""
+    params: dict[str, torch.Tensor] = {}
+    optim: dict[str, dict[str, torch.Tensor]] = {}
+    for tid in reader.tensor_ids():
+        kind, rest = tid.split("/", 1)
+        if kind == "param":
+            params[rest] = reader.whole(tid)
+        else:
+            name, key = rest.rsplit("/", 1)
+            optim.setdefault(name, {})[key] = reader.whole(tid)
+    for name, st in reader.index["scalars"].items():
+        for key, v in st.items():
+            optim.setdefault(name, {})[key] = torch.tensor(float(v), dtype=torch.float32)
+    return params, optim

@@ -65,9 +65,26 @@ def _parser() -> argparse.ArgumentParser:
     cf.add_argument("--reference", action="store_true")
     da = sub.add_parser("data", help="prepare (download and tokenize) the configured dataset")
     da.add_argument("items", nargs="*")
+    ex = sub.add_parser("export", help="write a checkpoint's weights as consolidated safetensors files "
+                                       "(HuggingFace's sharded layout), one tensor in memory at a time")
+    ex.add_argument("checkpoint", help="a step_NNNNNN checkpoint folder (or a folder of them: the latest)")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--max-shard-mb", type=float, default=2048.0, help="largest file written (default 2048)")
     from .planner.cli import add_plan_parser
     add_plan_parser(sub)
     return ap
+
+
+def _export(args) -> int:
+    from .checkpoint import resolve_resume
+    from .export import export_checkpoint
+
+    path = resolve_resume(args.checkpoint, args.checkpoint)
+    index = export_checkpoint(path, args.out, max_shard_bytes=int(args.max_shard_mb * 2**20))
+    files = sorted(set(index["weight_map"].values()))
+    print(f"exported {len(index['weight_map'])} tensors ({index['metadata']['total_size'] / 2**20:,.1f} MB, "
+          f"step {index['metadata']['step']}) from {path} to {args.out} in {len(files)} file(s)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "plan":
             from .planner.cli import run_plan
             return run_plan(args, _split_args)
+        if args.cmd == "export":
+            return _export(args)
         path, overrides = _split_args(args.items)
         if args.cmd == "config" and args.reference:
             from .config import config_reference

@@ -101,6 +101,7 @@ class Engine:
         # Makes a split model output whole (tensor-parallel logits); identity otherwise.
         self.output_gather = output_gather or (lambda y: y)
         self._closed = False
+        self._pending_save = None        # an asynchronous save still writing (``save``)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -309,36 +310,132 @@ class Engine:
         part = f"-pp{self.mesh.coords['pp']}" if self.mesh.dims.pp > 1 else ""
         return mine, {n: st for n, st in optim.items() if n in mine}, part
 
-    def save(self, root: str | Path, *, meta: dict | None = None, keep: int = 0) -> Path:
+    def save(self, root: str | Path, *, meta: dict | None = None, keep: int = 0, sharded: bool = True,
+             async_save: bool = False) -> Path:
         """Write checkpoint ``step_<step_count>`` under ``root``; collective, every rank calls it.
 
-        The files hold full tensors under full-model names, each written by one rank, so any
-        layout loads them. Saving is atomic: a crash leaves the previous checkpoint and
-        ``latest`` intact.
+        Sharded (the default, ``checkpoint_sharded``): every rank writes the pieces it holds,
+        no rank gathers anything, and an index lets any layout read back only its own slices.
+        ``sharded=False`` writes the older format instead (whole tensors, gathered over dp and tp
+        and written by one rank per pipeline stage). Saving is atomic: a crash leaves the
+        previous checkpoint and ``latest`` intact. ``async_save``: copy the pieces to host memory
+        and write them from a background thread; the next ``save``, ``load`` or ``close`` waits
+        for it (``wait_for_save``). Returns the checkpoint's path.
         """
         from . import checkpoint as ckpt
 
-        params, optim, part = self.checkpoint_part()
+        self.wait_for_save()
         meta = dict(meta or {}, world_size=self.mesh.dims.world_size,
                     loss_scaler=self.scaler.state_dict() if self.scaler else None)
-        return ckpt.save_checkpoint(root, self.step_count, rank=self.mesh.rank, world_comm=self.mesh.world,
-                                    params=params, optim=optim, meta=meta, device=self.device, keep=keep,
-                                    writes_tensors=bool(params), part=part)
+        if not sharded:
+            params, optim, part = self.checkpoint_part()
+            return ckpt.save_checkpoint(root, self.step_count, rank=self.mesh.rank, world_comm=self.mesh.world,
+                                        params=params, optim=optim, meta=meta, device=self.device, keep=keep,
+                                        writes_tensors=bool(params), part=part)
+        from .checkpoint_sharded import save_sharded
+
+        pieces, scalars = self.saved_pieces()
+        out = save_sharded(root, self.step_count, rank=self.mesh.rank, world_comm=self.mesh.world, pieces=pieces,
+                           scalars=scalars, meta=meta, device=self.device, rng=ckpt.rng_state(self.device),
+                           keep=keep, async_save=async_save)
+        if async_save:
+            self._pending_save = out
+            return out.job.final
+        return out
+
+    def wait_for_save(self) -> None:
+        """Wait until an asynchronous save has written its files (and been published)."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is not None:
+            pending.wait()
+
+    def saved_pieces(self):
+        """(pieces, scalars) this rank writes to a sharded checkpoint: its strategy's pieces of
+        each parameter and optimizer state, where its placement is the canonical copy along pp
+        and tp (a tied copy, a tensor-parallel replica are written once) and, for pieces every
+        dp rank holds alike, on dp rank 0; persistent buffers on dp = tp = 0."""
+        from .checkpoint_sharded import SavedPiece, optim_tid, param_tid
+
+        coords = self.mesh.coords
+        pieces, scalars = self.strategy.state_pieces()
+        out, kept = [], {}
+        for pc in pieces:
+            pl = self.placements[pc.name]
+            if not pl.canonical(coords, axes=("pp", "tp")) or (pc.replicated and coords["dp"] != 0):
+                continue
+            tid = param_tid(pc.name) if pc.key is None else optim_tid(pc.name, pc.key)
+            out.append(SavedPiece(tid, tuple(pl.shape), self._box(pc.name), pc.start, pc.end, pc.data))
+        for (name, key), v in scalars.items():
+            if self.placements[name].canonical(coords, axes=("pp", "tp")):
+                kept.setdefault(name, {})[key] = v
+        if coords["dp"] == 0 and coords["tp"] == 0:
+            for name, b in self._owned_buffers().items():
+                out.append(SavedPiece(param_tid(name), tuple(b.shape), None, 0, b.numel(),
+                                      lambda b=b: b.detach().reshape(-1).to("cpu", torch.float32)))
+        return out, kept
+
+    def _box(self, name: str):
+        """This rank's tensor-parallel slice of parameter ``name``: (dim, start, length), or None
+        (a whole tensor, a buffer)."""
+        pl = self.placements.get(name)
+        if pl is None or pl.shard is None:
+            return None
+        axis, dim = pl.shard
+        n = pl.shape[dim] // self.mesh.comm(axis).size
+        return dim, self.mesh.coords[axis] * n, n
 
     def load(self, path: str | Path, *, rng: bool = True) -> int:
         """Load a checkpoint directory written in any layout (parameters, optimizer state, loss
         scale, and this rank's RNG state when ``rng``); returns its step, from which
-        ``step_count`` continues. Raises ``CheckpointError`` or ``ValueError`` when it does not fit."""
+        ``step_count`` continues. From a sharded checkpoint each rank reads only the slices it
+        holds. Raises ``CheckpointError`` or ``ValueError`` when it does not fit."""
         from . import checkpoint as ckpt
+        from .checkpoint_sharded import is_sharded
 
-        loaded = ckpt.load_checkpoint(path, self.mesh.rank)
-        self.load_full_state(loaded.params, loaded.optim)
+        self.wait_for_save()
+        if is_sharded(path):
+            loaded = ckpt.load_checkpoint(path, self.mesh.rank, tensors=False)
+            self._load_pieces(loaded.reader)
+        else:
+            loaded = ckpt.load_checkpoint(path, self.mesh.rank)
+            self.load_full_state(loaded.params, loaded.optim)
         if self.scaler is not None and loaded.meta.get("loss_scaler"):
             self.scaler.load_state_dict(loaded.meta["loss_scaler"])
         if rng and loaded.rng is not None:
             ckpt.set_rng_state(loaded.rng, self.device)
         self.step_count = loaded.step
         return loaded.step
+
+    def _load_pieces(self, reader) -> None:
+        """This rank's slices of a sharded checkpoint."""
+        self._load_slices(_SlicedSource(reader, self._box))
+
+    def load_weights(self, folder: str | Path) -> None:
+        """Parameters and persistent buffers from a consolidated safetensors model (what
+        ``gigatrain export`` writes, under the model's parameter names), each rank reading only
+        the slices it holds; the optimizer state and ``step_count`` are left as they are.
+        Collective only in that every rank must call it. Raises ``ValueError`` when a tensor is
+        missing or its shape differs, before changing anything."""
+        from .export import ConsolidatedReader
+
+        self.wait_for_save()
+        self._load_slices(_WeightsSource(ConsolidatedReader(folder), self._box))
+
+    def _load_slices(self, source) -> None:
+        """Check names and whole shapes against the model, then let the strategy read its part."""
+        buffers = self._owned_buffers()
+        wanted = [(n, tuple(pl.shape)) for n, pl in self.placements.items()]
+        wanted += [(n, tuple(b.shape)) for n, b in buffers.items()]
+        missing = sorted(n for n, _ in wanted if not source.has(n))
+        if missing:
+            raise ValueError(f"checkpoint lacks parameters: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        for n, shape in wanted:
+            if source.shape(n) != shape:
+                raise ValueError(f"parameter {n}: checkpoint shape {source.shape(n)} != model {shape}")
+        self.strategy.load_pieces(source)
+        with torch.no_grad():
+            for n, b in buffers.items():
+                b.copy_(source.read(n, None, 0, b.numel()).view(b.shape))
 
     def _owned_buffers(self) -> dict[str, torch.Tensor]:
         """Persistent buffers (e.g. BatchNorm statistics) of the modules this rank runs."""
@@ -351,6 +448,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        self.wait_for_save()
         self.strategy.close()
         self.stages.close()
         if self.owns_process_group:
@@ -367,3 +465,53 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _SlicedSource:
+    """A sharded checkpoint seen through this rank's tensor-parallel slices (``PieceSource``)."""
+
+    def __init__(self, reader, box):
+        self.reader, self.box = reader, box
+
+    def has(self, name: str) -> bool:
+        from .checkpoint_sharded import param_tid
+
+        return self.reader.has(param_tid(name))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from .checkpoint_sharded import param_tid
+
+        return self.reader.shape(param_tid(name))
+
+    def read(self, name: str, key: str | None, start: int, end: int) -> torch.Tensor:
+        from .checkpoint_sharded import optim_tid, param_tid
+
+        return self.reader.read(param_tid(name) if key is None else optim_tid(name, key), self.box(name), start, end)
+
+    def state_keys(self, name: str) -> list[str]:
+        return self.reader.state_keys(name)
+
+    def scalar(self, name: str, key: str) -> float | None:
+        return self.reader.scalar(name, key)
+
+
+class _WeightsSource:
+    """An exported model (parameters only) seen through this rank's slices (``PieceSource``)."""
+
+    def __init__(self, reader, box):
+        self.reader, self.box = reader, box
+
+    def has(self, name: str) -> bool:
+        return self.reader.has(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.shape(name)
+
+    def read(self, name: str, key: str | None, start: int, end: int) -> torch.Tensor:
+        return self.reader.read(name, self.box(name), start, end)
+
+    def state_keys(self, name: str) -> list[str]:
+        return []
+
+    def scalar(self, name: str, key: str) -> float | None:
+        return None

@@ -152,6 +152,7 @@ OVERRIDES = [
     ("checkpoint.every", ["checkpoint.every=100"], 100),
     ("checkpoint.dir", ["checkpoint.dir=/tmp/ck"], "/tmp/ck"),
     ("checkpoint.keep", ["checkpoint.keep=0"], 0),
+    ("checkpoint.async_save", ["checkpoint.async_save=true"], True),
     ("debug.inject_overflow_step", ["debug.inject_overflow_step=3"], 3),
     ("debug.inject_overflow_rank", ["debug.inject_overflow_rank=1"], 1),
     ("debug.inject_hang_step", ["debug.inject_hang_step=3"], 3),

@@ -253,12 +253,12 @@ def test_sigint_in_a_single_process_run_stops_with_a_checkpoint(data, tmp_path, 
 
 
 def test_a_full_disk_during_a_save_is_one_paragraph_and_a_log(data, tmp_path, capsys, monkeypatch):
-    import gigatrain.checkpoint as ckpt
+    import gigatrain.checkpoint_sharded as ckpt
 
     def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "model.safetensors"))
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "shards" / "rank0.safetensors"))
 
-    monkeypatch.setattr(ckpt, "save_file", full)
+    monkeypatch.setattr(ckpt, "write_safetensors", full)
     out = tmp_path / "run"
     code = main(["train", *_one(data), "train.steps=3", "checkpoint.every=2", f"--out={out}"])
     err = capsys.readouterr().err

@@ -75,7 +75,10 @@ def test_pipeline_outputs_and_checkpoint_load_in_one_process(runs):
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 < rec["pipeline_bubble"] < 1.0
     ck = run / "checkpoints" / "step_000010"
-    assert sorted(p.name for p in ck.glob("model*.safetensors")) == ["model-pp0.safetensors", "model-pp1.safetensors"]
+    # Every rank wrote its own pieces (dp 2 x pp 2, ZeRO 0: dp rank 0 of each stage holds them).
+    assert sorted(p.name for p in (ck / "shards").glob("*.safetensors")) == [f"rank{r}.safetensors" for r in range(4)]
+    written = {pc["file"] for t in json.loads((ck / "index.json").read_text())["tensors"].values() for pc in t["pieces"]}
+    assert written == {"shards/rank0.safetensors", "shards/rank1.safetensors"}
     # The pipeline checkpoint (2 stages x dp 2) continues in one process with the same numbers as
     # a one-process checkpoint of the same step.
     from gigatrain.checkpoint import load_checkpoint

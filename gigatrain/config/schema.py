@@ -151,6 +151,7 @@ class CheckpointConfig(_Section):
     every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = only at the end).")
     dir: Optional[str] = Field(None, description="Checkpoint folder (null = `<out>/checkpoints`).")
     keep: int = Field(3, ge=0, description="Keep the newest N checkpoints (0 = keep all).")
+    async_save: bool = Field(False, description="Write checkpoints from a background thread: each rank copies its pieces to host memory (the only pause, plus one all-reduce), training goes on while the files are written, and the next save (or the end of the run) waits for them. Costs host memory for one copy of the rank's part of the state.")
 
 
 class DebugConfig(_Section):

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..parallel.materialize import is_meta, keyed_init_
+
 __all__ = ["SelfAttention", "MLP", "Block", "GPT", "GPTStem", "GPTHead", "GPT_TP_PLAN"]
 
 # Module-name patterns (fnmatch) -> how tensor parallelism splits them (styles: see
@@ -106,19 +108,24 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def init_transformer_module(name: str, m: nn.Module, init_std: float, n_layer: int) -> None:
+    """GPT-2 initialisation of one module: normal(0, init_std) weights, zero biases, and the two
+    residual projections of every block (``attn.proj``, ``mlp.proj``) scaled by 1/sqrt(2*n_layer)
+    so the residual stream's variance does not grow with depth. Other modules keep the values
+    they were constructed with."""
+    if isinstance(m, nn.Linear):
+        is_resid = name.endswith("attn.proj") or name.endswith("mlp.proj")
+        nn.init.normal_(m.weight, mean=0.0, std=init_std / math.sqrt(2 * n_layer) if is_resid else init_std)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, mean=0.0, std=init_std)
+
+
 def init_transformer_weights(module: nn.Module, init_std: float, n_layer: int) -> None:
-    """GPT-2 initialisation: normal(0, init_std) weights, zero biases, and the two residual
-    projections of every block (``attn.proj``, ``mlp.proj``) scaled by 1/sqrt(2*n_layer) so the
-    residual stream's variance does not grow with depth."""
-    resid_std = init_std / math.sqrt(2 * n_layer)
+    """``init_transformer_module`` over every module of ``module``, from the global RNG."""
     for name, m in module.named_modules():
-        if isinstance(m, nn.Linear):
-            is_resid = name.endswith("attn.proj") or name.endswith("mlp.proj")
-            nn.init.normal_(m.weight, mean=0.0, std=resid_std if is_resid else init_std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=init_std)
+        init_transformer_module(name, m, init_std, n_layer)
 
 
 class GPTStem(nn.Module):
@@ -168,6 +175,12 @@ class GPT(nn.Module):
             padded ids never occur in data; ``generate`` never samples them.
 
     ``forward(idx)`` returns logits ``[B, T, padded_vocab_size]``.
+
+    Initial values are keyed by module name (``gigatrain.parallel.materialize``): a seed is drawn
+    from the global RNG first (``init_seed``), then every module is initialised by
+    ``init_module`` with a generator keyed by that seed and its name. Built under
+    ``torch.device("meta")`` the model stays empty, and each rank of a layout materialises the
+    same values for the parts it owns.
     """
 
     def __init__(
@@ -185,6 +198,10 @@ class GPT(nn.Module):
         super().__init__()
         if vocab_size < 1 or vocab_size > 2**31:
             raise ValueError(f"bad vocab_size {vocab_size}")
+        # Drawn before any module is built: a meta build consumes no random numbers constructing
+        # its modules, a materialised one does, and both must get the same seed.
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+        self.init_std = init_std
         vocab_multiple = max(1, int(vocab_multiple))
         self.vocab_size = vocab_size
         self.padded_vocab_size = -(-vocab_size // vocab_multiple) * vocab_multiple
@@ -197,9 +214,15 @@ class GPT(nn.Module):
             Block(d_model, n_head, causal=True, dropout=dropout, bias=bias) for _ in range(n_layer)
         )
         self.head = GPTHead(self.padded_vocab_size, d_model, bias=bias)
-        init_transformer_weights(self, init_std, n_layer)
-        # Tie after init so both names point to the one embedding Parameter.
+        # Tied before initialisation: the embedding (the first module owning it) gives its values.
         self.head.lm_head.weight = self.stem.wte.weight
+        if not is_meta(self):
+            keyed_init_(self, self.init_seed, self.init_module)
+
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """The model's ``init_fn`` (see ``gigatrain.parallel.materialize``): GPT-2's
+        initialisation of one module (``init_transformer_module``)."""
+        init_transformer_module(name, module, self.init_std, self.n_layer)
 
     # ---- protocol -------------------------------------------------------------------------
     @property

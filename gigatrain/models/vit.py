@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .gpt import Block, init_transformer_weights
+from ..parallel.materialize import is_meta, keyed_init_
+from .gpt import Block, init_transformer_module
 
 __all__ = ["ViT", "ViTStem", "ViTHead", "VIT_TP_PLAN"]
 
@@ -90,6 +91,9 @@ class ViT(nn.Module):
         init_std: float = 0.02,
     ):
         super().__init__()
+        # Keyed initialisation, as GPT's (drawn before any module consumes random numbers).
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+        self.init_std = init_std
         self.image_size, self.patch_size, self.in_chans = image_size, patch_size, in_chans
         self.num_classes, self.n_layer, self.d_model = num_classes, n_layer, d_model
         self.stem = ViTStem(image_size, patch_size, in_chans, d_model, dropout)
@@ -97,10 +101,17 @@ class ViT(nn.Module):
             Block(d_model, n_head, causal=False, dropout=dropout) for _ in range(n_layer)
         )
         self.head = ViTHead(d_model, num_classes)
-        init_transformer_weights(self, init_std, n_layer)
-        nn.init.normal_(self.stem.cls_token, std=init_std)
-        nn.init.normal_(self.stem.pos, std=init_std)
-        nn.init.zeros_(self.stem.patch.bias)
+        if not is_meta(self):
+            keyed_init_(self, self.init_seed, self.init_module)
+
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """The model's ``init_fn``: GPT-2's initialisation of Linear layers, normal(0, init_std)
+        class token and positions, a zero patch-embedding bias (its weight keeps Conv2d's)."""
+        init_transformer_module(name, module, self.init_std, self.n_layer)
+        if isinstance(module, ViTStem):
+            nn.init.normal_(module.cls_token, std=self.init_std)
+            nn.init.normal_(module.pos, std=self.init_std)
+            nn.init.zeros_(module.patch.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -130,6 +130,16 @@ class GradStrategy(Protocol):
         the parameters only. Raises ``KeyError`` for a missing parameter and ``ValueError`` for a
         shape mismatch, before changing anything."""
 
+    def state_pieces(self) -> tuple[list, dict[tuple[str, str], float]]:
+        """(pieces, scalars): what this rank holds of the parameters and optimizer states, as
+        ``zero.shards.StatePiece``s (ranges of each parameter's flattened tensor, ``replicated``
+        where every dp rank holds the same), and the scalar states it records, by (parameter
+        name, key). No communication: a sharded checkpoint writes them rank by rank."""
+
+    def load_pieces(self, source) -> None:
+        """Load this rank's part from ``source`` (a ``zero.shards.PieceSource``: a sharded
+        checkpoint saved in any layout), reading only what the rank holds."""
+
     def host_tensors(self) -> list[torch.Tensor]:
         """Tensors the strategy keeps in host memory for offload (empty without offload), so
         ``memory.measure_model_state_bytes`` counts them as host bytes."""
@@ -141,13 +151,15 @@ class GradStrategy(Protocol):
 
 def build_grad_strategy(zero: int, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *,
                         bucket_mb: float = 25.0, precision: PrecisionPolicy, offload: str | None = "none",
-                        offload_dir=None, pipeline: PipelineGrads | None = None,
+                        offload_dir=None, pipeline: PipelineGrads | None = None, initial=None,
                         **stage_options) -> GradStrategy:
     """The gradient strategy for ZeRO stage ``zero`` (0 = plain data parallel) of ``model``'s
     parameters over ``mesh.dp``, with its optimizer built by ``optimizer_factory``.
 
     ``offload``: "none", "cpu" (stages 1-3) or "nvme" (stage 3, with ``offload_dir``).
     ``pipeline``: how a pipeline schedule delivers the gradients (stages 2 and 3 use it).
+    ``initial``: with stage 3, the ``materialize.LocalValues`` its shard of a meta-device model is
+    filled from (other stages need a materialised model).
     ``stage_options`` go to the stage-3 strategy (``units``, ``prefetch``, ``offload_chunk_mb``).
     """
     offload = offload or "none"
@@ -170,20 +182,22 @@ def build_grad_strategy(zero: int, model: nn.Module, mesh: Mesh, optimizer_facto
         from .zero.stage3 import Stage3Strategy
 
         return Stage3Strategy(model, mesh, optimizer_factory, bucket_mb=bucket_mb, precision=precision,
-                              offload=offload, offload_dir=offload_dir, pipeline=pipeline, **stage_options)
+                              offload=offload, offload_dir=offload_dir, pipeline=pipeline, initial=initial,
+                              **stage_options)
     raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero!r}")
 
 
 def apply_data_parallel(owned: nn.Module, mesh: Mesh, zero: ZeroPolicy, offload: OffloadPolicy, *,
                         precision: PrecisionPolicy, optimizer_factory: OptimizerFactory,
-                        pipeline: PipelineGrads | None = None, **stage_options) -> GradStrategy:
+                        pipeline: PipelineGrads | None = None, initial=None, **stage_options) -> GradStrategy:
     """The last ``apply_*`` step: data parallelism (or ZeRO stage ``zero.stage``, with
     ``offload``) over ``mesh.dp`` for the parameters this rank trains (``owned``, under their
     full-model names); the returned strategy owns the optimizer ``optimizer_factory`` builds.
-    ``pipeline``: the stages' ``PipelineGrads`` when a schedule runs the backward passes."""
+    ``pipeline``: the stages' ``PipelineGrads`` when a schedule runs the backward passes;
+    ``initial``: where a ZeRO-3 shard of a meta-device model takes its initial values."""
     return build_grad_strategy(zero.stage, owned, mesh, optimizer_factory, bucket_mb=zero.bucket_mb,
                                precision=precision, offload=offload.kind, offload_dir=offload.dir,
-                               pipeline=pipeline, **stage_options)
+                               pipeline=pipeline, initial=initial, **stage_options)
 
 
 def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

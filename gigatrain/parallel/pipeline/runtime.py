@@ -225,10 +225,12 @@ class PipelineRuntime:
         virtual: chunks per rank.
         loss_fn: ``loss_fn(logits, targets) -> scalar``, default ``model.loss``.
         record: keep a ``Record`` per action of the last step in ``self.records``.
+        device: where this rank's stages run (default: where their first parameter is).
     """
 
     def __init__(self, model, partition: Partition, schedule: Sequence[Sequence[Action]], *,
-                 pp_group, virtual: int = 1, loss_fn: Callable | None = None, record: bool = False):
+                 pp_group, virtual: int = 1, loss_fn: Callable | None = None, record: bool = False,
+                 device: torch.device | None = None):
         if pp_group is not None and not isinstance(pp_group, Comm):
             pp_group = Comm(pp_group, "pp")
         self.comm = pp_group
@@ -257,7 +259,7 @@ class PipelineRuntime:
         self._sent_meta: dict[int, tuple] = {}  # stage -> (shape, dtype) announced for its output
         # The device of this rank's own stages (other stages of the model may stay on the CPU).
         p0 = next(iter(self.parameters()), None)
-        self.device = p0.device if p0 is not None else torch.device("cpu")
+        self.device = device if device is not None else p0.device if p0 is not None else torch.device("cpu")
         # Accurate per-action times on a GPU need a sync at each boundary; only when recording.
         self._sync_times = record and self.device.type == "cuda"
         self._tied = tied_parameters(model) if self.pp > 1 else []
@@ -268,7 +270,9 @@ class PipelineRuntime:
             self.comm.barrier()
         if self._tied and self.rank in (0, self.pp - 1):
             self._tie_peer = self.pp - 1 if self.rank == 0 else 0  # a pp (group) rank
-            self._sync_tied_values()
+            # A meta-device model gets the same keyed initial values on both ranks.
+            if not any(p.is_meta for p in self._tied):
+                self._sync_tied_values()
 
     # ---- public -------------------------------------------------------------------------
     def parameters(self):

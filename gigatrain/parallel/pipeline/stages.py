@@ -47,7 +47,9 @@ class SingleStage:
     pipeline_grads = None               # one backward per micro-batch, over the whole model
 
     def __init__(self, model: nn.Module, placements: Placements, device: torch.device):
-        self.model = model.to(device)
+        from ..materialize import to_device
+
+        self.model = to_device(model, device)
         self.owned = self.model
         self.placements = placements
         self.device = device
@@ -116,9 +118,13 @@ class PipelineStages:
                  device: torch.device, loss_fn, world: Comm):
         from ..strategy import PipelineGrads
         from .partition import Partition, partition_model
+        from ..materialize import is_meta, to_device
         from .runtime import PipelineRuntime, build_stage_modules, tied_parameters
         from .schedules import build_schedule
 
+        if policy.balance == "time" and is_meta(model):
+            raise ValueError("parallel.pp_balance=time measures the blocks by running them, which a model on "
+                             "the meta device cannot: use pp_balance=params or uniform, or build it materialised")
         self.model, self.pp, self.policy, self.device = model, pp, policy, device
         n_stages = pp.size * policy.virtual
         part, text = partition_model(model, n_stages, policy.balance, example_batch=policy.example_batch,
@@ -129,12 +135,13 @@ class PipelineStages:
         if tuple(bounds.tolist()) != part.bounds:
             part = Partition(tuple(bounds.tolist()))
         for chunk in build_stage_modules(model, part, pp.rank, pp.size, policy.virtual):
-            chunk.to(device)
+            to_device(chunk, device)
         self.partition, self.partition_text = part, text
         self._scale = 1.0
         schedule = build_schedule(policy.schedule, pp.size, policy.microbatches, policy.virtual)
         self.runtime = PipelineRuntime(model, part, schedule, pp_group=pp, virtual=policy.virtual,
-                                       record=True, loss_fn=lambda out, y: loss_fn(out, y) * self._scale)
+                                       record=True, loss_fn=lambda out, y: loss_fn(out, y) * self._scale,
+                                       device=device)
         self.owned = StagePart(model, self.runtime.parameters(), self.runtime.chunks)
         self.placements = stage_placements(model, self.owned, placements, pp.size)
         tied = {id(p) for p in tied_parameters(model)}

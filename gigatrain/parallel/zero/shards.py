@@ -264,6 +264,57 @@ class FlatFileStates:
         opt.steps = int(step) if step is not None else (1 if per_element else 0)
 
 
+# -- this rank's pieces of the name-keyed state (sharded checkpoints) ------------------------------
+@dataclass
+class StatePiece:
+    """A range of one parameter's values, or of one of its optimizer states, that a strategy
+    holds: ``[start, end)`` of the parameter's flattened (local) tensor. ``data()`` produces the
+    values (1-D fp32 on the CPU, possibly a view of live storage: write it before the next
+    update); ``replicated`` pieces are identical on every dp rank (dp rank 0 writes them)."""
+
+    name: str
+    key: str | None                     # None: the parameter's values; else torch's state key
+    start: int
+    end: int
+    data: Callable[[], torch.Tensor]
+    replicated: bool = False
+
+
+class PieceSource(Protocol):
+    """Where ``StateCodec.load_pieces`` reads this rank's pieces of a saved state (a sharded
+    checkpoint, seen through this rank's tensor-parallel slices)."""
+
+    def read(self, name: str, key: str | None, start: int, end: int) -> torch.Tensor:
+        """``[start, end)`` of the flattened (local) parameter ``name`` or of its state ``key``."""
+
+    def state_keys(self, name: str) -> list[str]:
+        """The per-element optimizer state keys saved for ``name`` (none: no state)."""
+
+    def scalar(self, name: str, key: str) -> float | None:
+        """A scalar optimizer state of ``name`` (Adam's ``step``), or None."""
+
+
+class _SegmentCache:
+    """The last segment's owned range of its values (``key`` None) or of one state key, on the
+    CPU, computed once for all the pieces cut from it."""
+
+    def __init__(self, codec: "StateCodec", master: Callable[[Segment], torch.Tensor], states: PieceStates):
+        self.codec, self.master, self.states, self.key, self.value = codec, master, states, None, None
+
+    def get(self, seg: Segment, key: str | None) -> torch.Tensor:
+        if self.key != (id(seg), key):
+            self.value = None
+            if key is None:
+                m = self.master(seg).detach().reshape(-1)
+                if m.numel() == seg.padded and seg.hi - seg.lo != seg.padded:
+                    m = m[seg.lo:seg.hi]
+                self.value = m.to("cpu", torch.float32)
+            else:
+                self.value = self.codec._local(seg, self.states, key).to("cpu")
+            self.key = (id(seg), key)
+        return self.value
+
+
 # -- the name-keyed codec ------------------------------------------------------------------------
 class StateCodec:
     """Full, name-keyed state <-> this rank's part of ``segments``.
@@ -352,6 +403,79 @@ class StateCodec:
                 master(seg, self._flat(seg, params.get))
                 if optim:
                     self._load_states(seg, optim, states)
+
+    def pieces(self, master: Callable[[Segment], torch.Tensor], states: PieceStates, *,
+               replicated: bool = False) -> tuple[list[StatePiece], dict[tuple[str, str], float]]:
+        """This rank's pieces of the state (no communication): for every parameter a segment's
+        owned range overlaps, its values and per-element optimizer states on that range; frozen
+        parameters whole and ``replicated``. Also the scalar states (by parameter name and key),
+        recorded with the piece that holds a parameter's first element. ``replicated``: the
+        segments are the same on every dp rank (plain data parallel)."""
+        keys: set[str] = set()
+        scalars: dict[str, float] = {}
+        for seg in self.segments:
+            for pc in seg.pieces:
+                for k, v in states.get(seg, pc).items():
+                    if torch.is_tensor(v) and k != "step" and v.numel() == pc.numel:
+                        keys.add(k)
+                    else:
+                        scalars[k] = float(v)
+        cache = _SegmentCache(self, master, states)
+        out: list[StatePiece] = []
+        held: dict[tuple[str, str], float] = {}
+        for seg in self.segments:
+            for p, n, o in zip(seg.params, seg.names, seg.offsets):
+                a, b = max(o, seg.lo), min(o + p.numel(), seg.hi)
+                if a >= b:
+                    continue
+                lo, hi = a - seg.lo, b - seg.lo
+                out.append(StatePiece(n, None, a - o, b - o,
+                                      lambda seg=seg, lo=lo, hi=hi: cache.get(seg, None)[lo:hi], replicated))
+                for k in sorted(keys):
+                    out.append(StatePiece(n, k, a - o, b - o,
+                                          lambda seg=seg, k=k, lo=lo, hi=hi: cache.get(seg, k)[lo:hi], replicated))
+                if a == o:
+                    held.update({(n, k): v for k, v in scalars.items()})
+        for n, p in self.frozen:
+            out.append(StatePiece(n, None, 0, p.numel(),
+                                  lambda p=p: p.detach().reshape(-1).to("cpu", torch.float32), True))
+        return out, held
+
+    def load_pieces(self, source: PieceSource, master: Callable[[Segment, torch.Tensor], None],
+                    states: PieceStates, *, whole_values: bool) -> None:
+        """Take this rank's part of a saved state from ``source``, reading only what the rank
+        holds: the owned range of every segment (or, with ``whole_values``, every segment's whole
+        values, when the rank keeps full parameters: stages 0-2) and the optimizer states of the
+        owned ranges. ``master(seg, full)`` as for ``load``; the caller has checked names and
+        shapes. A segment none of whose parameters has saved state keeps its optimizer state."""
+        with torch.no_grad():
+            for n, p in self.frozen:
+                p.data.copy_(source.read(n, None, 0, p.numel()).view(p.shape))
+            for seg in self.segments:
+                lo, hi = (0, seg.padded) if whole_values else (seg.lo, seg.hi)
+                full = torch.zeros(seg.padded, dtype=torch.float32)
+                self._read_range(seg, source, None, lo, hi, full[lo:hi])
+                master(seg, full)
+                del full
+                keys = sorted({k for n in seg.names for k in source.state_keys(n)})
+                if not keys:
+                    continue
+                step = next((v for n in seg.names if (v := source.scalar(n, "step")) is not None), None)
+                per_element = {}
+                for k in keys:
+                    own = torch.zeros(seg.shard_numel, dtype=torch.float32)
+                    self._read_range(seg, source, k, seg.lo, seg.hi, own)
+                    per_element[k] = own
+                for pc in seg.pieces:
+                    states.put(seg, pc, {k: f[pc.start:pc.end] for k, f in per_element.items()}, step)
+
+    @staticmethod
+    def _read_range(seg: Segment, source: PieceSource, key: str | None, lo: int, hi: int, out: torch.Tensor) -> None:
+        """Fill ``out`` (the segment's ``[lo, hi)``) from ``source``; padding stays zero."""
+        for p, n, o in zip(seg.params, seg.names, seg.offsets):
+            a, b = max(o, lo), min(o + p.numel(), hi)
+            if a < b and (key is None or key in source.state_keys(n)):
+                out[a - lo:b - lo] = source.read(n, key, a - o, b - o)
 
     def _load_states(self, seg: Segment, optim: dict, states: PieceStates) -> None:
         present = [optim[n] for n in seg.names if n in optim]

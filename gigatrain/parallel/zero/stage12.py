@@ -590,6 +590,15 @@ class ZeroStrategy:
         """Take this rank's shards of a full state (as ``full_state`` returns; any layout saved it)."""
         self._codec.load(params, optim, self._load_master, TorchStates(self.optimizer))
 
+    def state_pieces(self):
+        """This rank's shard of every bucket: master values and optimizer states."""
+        return self._codec.pieces(self._master_of, TorchStates(self.optimizer))
+
+    def load_pieces(self, source) -> None:
+        """Whole parameters (every rank holds them in stages 1-2) and this rank's shard of the
+        optimizer states."""
+        self._codec.load_pieces(source, self._load_master, TorchStates(self.optimizer), whole_values=True)
+
     # -- accounting -------------------------------------------------------------------------------
     def host_tensors(self) -> list[torch.Tensor]:
         """The offloaded buffers (their storages count as host memory in ``memory.measure``)."""

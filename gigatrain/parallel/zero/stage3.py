@@ -79,6 +79,7 @@ from ...distributed.mesh import Mesh
 from ...optim import decays
 from ...precision import PrecisionPolicy
 from ..strategy import param_ids
+from ..materialize import swap_in
 from .buckets import flat_layout, remove_hooks
 from .nvme import NVMeOptimizer, OptimizerSpec
 from .offload import HostBuffer, HostShard
@@ -179,6 +180,10 @@ class Stage3Strategy:
         offload_chunk_mb: chunk size of the NVMe optimizer's streamed pass.
         pipeline: the stages' ``PipelineGrads`` when a pipeline schedule runs the forward and
             backward passes (see "Under a pipeline" in the module docstring).
+        initial: a ``materialize.LocalValues`` when the trainable parameters are still on the
+            meta device: each rank fills its shard from it, one unit at a time, and never holds a
+            whole parameter beyond the unit being initialised (frozen parameters and buffers
+            must be materialised already).
     """
 
     stage = 3
@@ -186,7 +191,7 @@ class Stage3Strategy:
     def __init__(self, model: nn.Module, mesh: Mesh, optimizer_factory: OptimizerFactory, *,
                  bucket_mb: float = 25.0, precision: PrecisionPolicy, offload: str = "none", offload_dir=None,
                  units: Sequence[nn.Module] | None = None, prefetch: bool = True,
-                 offload_chunk_mb: float = 32.0, pipeline: PipelineGrads | None = None):
+                 offload_chunk_mb: float = 32.0, pipeline: PipelineGrads | None = None, initial=None):
         if offload not in ("none", "cpu", "nvme"):
             raise ValueError(f"offload must be none, cpu or nvme; got {offload!r}")
         if offload == "nvme" and not offload_dir:
@@ -224,7 +229,7 @@ class Stage3Strategy:
             units = default_units(model) if pipeline is None else \
                 [u for c in pipeline.chunks for u in default_units(c)]
         self._build_units(units)
-        self._init_shards()
+        self._init_shards(initial)
         self._register_hooks()
         self.optimizer = self._build_optimizer(optimizer_factory)
         # How the shard is updated: decided once, here.
@@ -281,8 +286,9 @@ class Stage3Strategy:
         self.shard_numel = off
         self.numel = sum(u.numel for u in self.units)
 
-    def _init_shards(self) -> None:
-        """Take rank 0's initial weights, keep this rank's shard, release the full parameters."""
+    def _init_shards(self, initial=None) -> None:
+        """Take rank 0's initial weights (or, from ``initial``, the values every rank computes
+        alike), keep this rank's shard, release the full parameters."""
         dev, dt = self.device, self.dtype
         pin = self.device.type == "cuda"
         self.shard = torch.empty(self.shard_numel, dtype=dt, device=dev)
@@ -302,11 +308,7 @@ class Stage3Strategy:
             self.master = torch.empty(self.shard_numel, dtype=torch.float32)
         with torch.no_grad():
             for u in self.units:
-                flat = torch.zeros(u.padded, dtype=torch.float32, device=dev)
-                for p, o in zip(u.params, u.offsets):
-                    flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
-                self.comm.broadcast(flat, src=0)
-                mine = flat[u.lo:u.hi]
+                mine = self._initial_shard(u, initial) if initial is not None else self._broadcast_shard(u)
                 self.master[u.shard].copy_(mine)
                 if self.shard is not self.master:
                     self.shard[u.shard].copy_(mine)
@@ -314,11 +316,31 @@ class Stage3Strategy:
                 u.views = [u.full[o:o + p.numel()].view(p.shape) for p, o in zip(u.params, u.offsets)]
                 self._release_storage(u)
                 for p in u.params:
+                    if p.is_meta:
+                        swap_in(p, nn.Parameter(self._placeholder(p), requires_grad=p.requires_grad))
                     p.data = self._placeholder(p)
             for _, p in self.frozen:
                 self.comm.broadcast(p.data, src=0)
             for b in self.model.buffers():
                 self.comm.broadcast(b.data, src=0)
+
+    def _broadcast_shard(self, u: _Unit) -> torch.Tensor:
+        flat = torch.zeros(u.padded, dtype=torch.float32, device=self.device)
+        for p, o in zip(u.params, u.offsets):
+            flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
+        self.comm.broadcast(flat, src=0)
+        return flat[u.lo:u.hi]
+
+    def _initial_shard(self, u: _Unit, initial) -> torch.Tensor:
+        """``[lo, hi)`` of the unit's flat initial values, from the parameters that overlap it."""
+        mine = torch.zeros(u.shard_numel, dtype=torch.float32, device=self.device)
+        spans = {n: (o, p.numel()) for p, n, o in zip(u.params, u.names, u.offsets)
+                 if o < u.hi and o + p.numel() > u.lo}
+        for n, v in initial.values(list(spans)):
+            o, k = spans[n]
+            a, b = max(o, u.lo), min(o + k, u.hi)
+            mine[a - u.lo:b - u.lo].copy_(v.reshape(-1)[a - o:b - o])
+        return mine
 
     def _placeholder(self, p: torch.Tensor) -> torch.Tensor:
         return self._nan.expand(p.shape)
@@ -683,6 +705,15 @@ class Stage3Strategy:
     def load_full_state(self, params: dict[str, torch.Tensor], optim) -> None:
         """Load full (unsharded) state saved by any stage / world size: each rank slices its shard."""
         self._codec.load(params, optim, self._load_master, self._states)
+
+    def state_pieces(self):
+        """This rank's shard of every unit: master values and optimizer states."""
+        return self._codec.pieces(self._master_of, self._states)
+
+    @torch.no_grad()
+    def load_pieces(self, source) -> None:
+        """Only this rank's shard of every unit, values and optimizer states."""
+        self._codec.load_pieces(source, self._load_master, self._states, whole_values=False)
 
     # -- introspection ----------------------------------------------------------------------------
     def host_tensors(self) -> list[torch.Tensor]:
