@@ -8,18 +8,35 @@ interleaved schedule, against the published figure; then what the planner picks 
 toolbox fixed (no sequence parallel, ZeRO 0, full recomputation) and with everything searched,
 and how long each search took.
 
-``--memory``: predicted vs measured memory per rank for layouts that run today on ``--nproc``
-gloo ranks (data parallel with ZeRO 0-3 and offload, pipelines 1F1B, GPipe, interleaved and zero
-bubble), fp32 AdamW on a small GPT. Model states are measured with
-``measure_model_state_bytes``; activations as the peak of the bytes autograd keeps saved for
-backward during one step (saved-tensor hooks; parameter storages excluded, each storage once).
+``--memory``: predicted vs measured memory per rank for layouts that run on ``--nproc`` gloo
+ranks (data parallel with ZeRO 0-3 and offload, pipelines of 2 stages with 1F1B, GPipe,
+interleaved and zero bubble, tensor parallel 2 with and without sequence parallel, and their
+products; a layout whose degrees do not divide ``--nproc`` is skipped), fp32 AdamW on a small
+GPT. Model states are measured with ``measure_model_state_bytes``; activations as the peak of
+the bytes autograd keeps saved for backward during one step (saved-tensor hooks; parameter
+storages excluded, each storage once).
+
+``--time``: predicted vs measured step time of a grid of layouts on ``--nproc`` gloo ranks
+(``TIME_LAYOUTS``, plus the planner's own pick for the job), predicted with ``--gpu FILE.json``
+from ``gigatrain plan --calibrate --ranks N`` (calibrated here first when no file is given).
+Each layout runs the real engine (``gigatrain.initialize``); a step is as slow as its slowest
+rank; ``--steps`` steps are timed after ``--warmup`` in each of ``--rounds`` passes over the grid
+(alternately forward and backward, so a change of the machine's load hits every layout alike).
+The figure is the median of those steps (the fastest step is reported beside it). Reports the
+Spearman rank correlation, the mean absolute percentage error, and how far the measured time of
+the planner's pick is from the fastest measured layout. ``--measured FILE.json`` takes the step
+times of an earlier run and measures only the layouts it lacks (a new calibration may pick
+another layout), since measuring is what takes minutes.
 
     python benchmarks/bench_planner.py --sanity --out planner_sanity.json
-    python benchmarks/bench_planner.py --memory --nproc 2 --out planner_memory.json
+    python benchmarks/bench_planner.py --memory --nproc 4 --out planner_memory.json
+    gigatrain plan --calibrate --ranks 4 --out cpu4.json
+    python benchmarks/bench_planner.py --time --nproc 4 --gpu cpu4.json --out planner_time.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -85,10 +102,14 @@ LAYOUTS = [  # (label, parallel overrides, micro-batch, micro-batches per step)
     ("dp zero3", {"zero": 3}, 8, 1),
     ("dp zero2 + cpu offload", {"zero": 2, "offload": "cpu"}, 8, 1),
     ("dp zero0, 4 micro-batches", {"zero": 0}, 4, 4),
-    ("pp 1f1b", {"pp": 0, "pp_schedule": "1f1b"}, 4, 4),
-    ("pp gpipe", {"pp": 0, "pp_schedule": "gpipe"}, 4, 4),
-    ("pp interleaved x2", {"pp": 0, "pp_schedule": "interleaved", "pp_virtual": 2}, 4, 4),
-    ("pp zb", {"pp": 0, "pp_schedule": "zb"}, 4, 4),
+    ("pp 1f1b", {"pp": 2, "pp_schedule": "1f1b"}, 4, 4),
+    ("pp gpipe", {"pp": 2, "pp_schedule": "gpipe"}, 4, 4),
+    ("pp interleaved x2", {"pp": 2, "pp_schedule": "interleaved", "pp_virtual": 2}, 4, 4),
+    ("pp zb", {"pp": 2, "pp_schedule": "zb"}, 4, 4),
+    ("tp2", {"tp": 2}, 8, 1),
+    ("tp2 + sequence parallel", {"tp": 2, "sequence_parallel": True}, 8, 1),
+    ("tp2 pp2 1f1b", {"tp": 2, "pp": 2}, 4, 4),
+    ("tp2+sp zero1", {"tp": 2, "sequence_parallel": True, "zero": 1}, 8, 1),
 ]
 
 
@@ -143,18 +164,19 @@ def _measure(rank, world, layouts):
     out = []
     for label, par, mb, M in layouts:
         par = dict(par)
-        if par.get("pp") == 0:
-            par["pp"] = world
-        pp = par.get("pp", 1)
-        dp = world // pp
+        pp, tp = par.get("pp", 1), par.get("tp", 1)
+        if world % (pp * tp):
+            out.append(None)
+            continue
+        dp = world // (pp * tp)
         cfg = {"parallel": dict(par, dp=dp, pp_balance="uniform", bucket_mb=1.0),
                "train": {"global_batch": mb * M * dp, "micro_batch": mb, "optimizer": "adamw"},
-               "precision": "fp32"}
+               "precision": "fp32", "model": {k: v for k, v in MODEL.items() if k != "vocab"}}
         mcfg = SimpleNamespace(name="gpt", dropout=0.0, **{k: v for k, v in MODEL.items() if k != "vocab"})
         torch.manual_seed(0)
         model = build_model(mcfg, vocab_size=MODEL["vocab"])
         engine = gigatrain.initialize(model, cfg)
-        g = torch.Generator().manual_seed(rank // pp)
+        g = torch.Generator().manual_seed(rank // (pp * tp))  # tp ranks see the same samples
         batches = [model.example_batch(mb, g) for _ in range(M)]
         engine.train_step(batches, lr=1e-4)  # optimizer states exist from here on
 
@@ -166,7 +188,7 @@ def _measure(rank, world, layouts):
             engine.train_step(batches, lr=1e-4)
         st = engine.strategy
         states = measure_model_state_bytes(st, st.optimizer, engine.stages.owned, host=st.host_tensors())
-        out.append({"label": label, "rank": rank, "pp_rank": rank % pp, "states_device": states["device"],
+        out.append({"label": label, "rank": rank, "pp_rank": rank // tp % pp, "states_device": states["device"],
                     "states_host": states["host"], "activations": saved.peak})
         engine = model = st = saved = None  # free this layout before the next
         gc.collect()
@@ -184,10 +206,13 @@ def memory(nproc: int) -> list[dict]:
                      stem_extra=MODEL["seq_len"] * MODEL["d_model"])
     rows = []
     for i, (label, par, mb, M) in enumerate(LAYOUTS):
-        pp = nproc if par.get("pp") == 0 else 1
-        dp = nproc // pp
-        lay = Layout(dp=dp, pp=pp, tp=1, zero=par.get("zero", 0), offload=par.get("offload", "none"), micro_batch=mb,
-                     schedule=par.get("pp_schedule", "1f1b"), virtual=par.get("pp_virtual", 1))
+        pp, tp = par.get("pp", 1), par.get("tp", 1)
+        if measured[0][i] is None:
+            continue
+        dp = nproc // (pp * tp)
+        lay = Layout(dp=dp, pp=pp, tp=tp, sp=par.get("sequence_parallel", False), zero=par.get("zero", 0),
+                     offload=par.get("offload", "none"), micro_batch=mb, schedule=par.get("pp_schedule", "1f1b"),
+                     virtual=par.get("pp_virtual", 1))
         job = Job(spec, mb * M * dp, param_bytes=4, bucket_mb=1.0)
         for r in range(nproc):
             m = measured[r][i]
@@ -212,19 +237,226 @@ def memory(nproc: int) -> list[dict]:
     return rows
 
 
+# -- measured step time ---------------------------------------------------------------------
+TIME_MODEL = dict(n_layer=8, d_model=256, n_head=8, seq_len=128, vocab=256)
+TIME_BATCH = 16
+TIME_BUCKET_MB = 4.0
+
+TIME_LAYOUTS = [  # (label, parallel keys (dp = world / (pp x tp)), micro-batch)
+    ("dp zero0", {}, 4),
+    ("dp zero0 mb1", {}, 1),
+    ("dp zero1", {"zero": 1}, 4),
+    ("dp zero2", {"zero": 2}, 4),
+    ("dp zero3", {"zero": 3}, 4),
+    ("dp zero2 + cpu offload", {"zero": 2, "offload": "cpu"}, 4),
+    ("pp4 1f1b", {"pp": 4}, 2),
+    ("pp4 gpipe", {"pp": 4, "pp_schedule": "gpipe"}, 2),
+    ("pp4 interleaved x2", {"pp": 4, "pp_schedule": "interleaved", "pp_virtual": 2}, 2),
+    ("pp4 zb", {"pp": 4, "pp_schedule": "zb"}, 2),
+    ("dp2 pp2 1f1b", {"pp": 2}, 2),
+    ("dp2 tp2", {"tp": 2}, 4),
+    ("dp2 tp2+sp", {"tp": 2, "sequence_parallel": True}, 4),
+    ("dp2 tp2+sp zero1", {"tp": 2, "sequence_parallel": True, "zero": 1}, 4),
+    ("tp4", {"tp": 4}, 4),
+    ("tp4+sp", {"tp": 4, "sequence_parallel": True}, 4),
+    ("tp2 pp2 1f1b", {"tp": 2, "pp": 2}, 2),
+]
+
+
+def _time_spec():
+    from gigatrain.planner.memory import ModelSpec
+
+    m = TIME_MODEL
+    return ModelSpec("gpt", m["n_layer"], m["d_model"], m["n_head"], m["seq_len"], m["vocab"],
+                     stem_extra=m["seq_len"] * m["d_model"])
+
+
+def _layout_of(par: dict, mb: int, world: int, recompute: str = "none"):
+    from gigatrain.planner.memory import Layout
+
+    pp, tp = par.get("pp", 1), par.get("tp", 1)
+    return Layout(dp=world // (pp * tp), pp=pp, tp=tp, sp=par.get("sequence_parallel", False),
+                  zero=par.get("zero", 0), offload=par.get("offload", "none"), micro_batch=mb,
+                  schedule=par.get("pp_schedule", "1f1b"), virtual=par.get("pp_virtual", 1), recompute=recompute)
+
+
+def _par_of(lay) -> dict:
+    par = {"pp": lay.pp, "tp": lay.tp, "zero": lay.zero, "offload": lay.offload}
+    if lay.tp > 1:
+        par["sequence_parallel"] = lay.sp
+    if lay.pp > 1:
+        par.update(pp_schedule=lay.schedule, pp_virtual=lay.virtual)
+    return par
+
+
+def _time_rank(rank, world, layouts, warmup, steps, rounds):
+    """Per layout, this rank's step times (seconds), over every round."""
+    import gc
+    import time as _time
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    import gigatrain
+    from gigatrain.models import build_model
+
+    torch.set_num_threads(1)
+    times = {label: [] for label, *_ in layouts}
+    for rnd in range(rounds):
+        for label, par, mb, recompute in (layouts if rnd % 2 == 0 else layouts[::-1]):
+            pp, tp = par.get("pp", 1), par.get("tp", 1)
+            dp = world // (pp * tp)
+            cfg = {"parallel": dict(par, dp=dp, pp_balance="uniform", bucket_mb=TIME_BUCKET_MB),
+                   "train": {"global_batch": TIME_BATCH, "micro_batch": mb, "optimizer": "adamw",
+                             **({"recompute": recompute} if recompute != "none" else {})},
+                   "precision": "fp32", "model": {k: v for k, v in TIME_MODEL.items() if k != "vocab"}}
+            m = TIME_MODEL
+            mcfg = SimpleNamespace(name="gpt", dropout=0.0, n_layer=m["n_layer"], d_model=m["d_model"],
+                                   n_head=m["n_head"], seq_len=m["seq_len"])
+            torch.manual_seed(0)
+            model = build_model(mcfg, vocab_size=m["vocab"])
+            engine = gigatrain.initialize(model, cfg)
+            g = torch.Generator().manual_seed(rank // (pp * tp))
+            batches = [model.example_batch(mb, g) for _ in range(TIME_BATCH // (mb * dp))]
+            for _ in range(warmup):
+                engine.train_step(batches, lr=1e-4)
+            for _ in range(steps):
+                dist.barrier()
+                t0 = _time.perf_counter()
+                engine.train_step(batches, lr=1e-4)
+                times[label].append(_time.perf_counter() - t0)
+            engine.close()
+            engine = model = None
+            gc.collect()
+    return times
+
+
+def spearman(xs, ys) -> float:
+    """Spearman's rank correlation (ties get their average rank)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def step_times(nproc: int, gpu: str | None, warmup: int, steps: int, rounds: int, measured: str | None = None) -> dict:
+    """Predict, measure (what ``measured``, the JSON of an earlier ``--time`` run, does not hold
+    already) and compare; prints the table and returns the JSON-able result."""
+    import statistics
+
+    from gigatrain.distributed.spawn import spawn
+    from gigatrain.planner.calibrate import calibrate
+    from gigatrain.planner.cost import step_time
+    from gigatrain.planner.memory import Job
+    from gigatrain.planner.presets import get_device
+    from gigatrain.planner.search import search
+
+    dev = get_device(gpu) if gpu else calibrate(ranks=nproc)
+    if not gpu:
+        print(f"calibrated {nproc} local ranks: matmul {max(r for _, r in dev.matmul_table) / 1e9:.0f} GFLOP/s, "
+              f"links {dev.intra_bw / 1e9:.2f} GB/s, {dev.intra_alpha * 1e6:.0f} us", flush=True)
+    job = Job(_time_spec(), TIME_BATCH, param_bytes=4, adam=True, momentum=False, bucket_mb=TIME_BUCKET_MB)
+    res = search(job, dev, nproc, gpus_per_node=nproc)
+    pick = res.best.layout
+    grid = [(label, par, mb, "none") for label, par, mb in TIME_LAYOUTS
+            if nproc % (par.get("pp", 1) * par.get("tp", 1)) == 0]
+    layouts = {label: _layout_of(par, mb, nproc) for label, par, mb, _ in grid}
+    pick_label = next((k for k, v in layouts.items() if v == pick), None)
+    if pick_label is None:
+        pick_label = "planner's pick: " + pick.describe()
+        grid.append((pick_label, _par_of(pick), pick.micro_batch, pick.recompute))
+        layouts[pick_label] = pick
+    times = {}
+    if measured:
+        with open(measured) as f:
+            old = json.load(f)["time"]
+        if old["nproc"] != nproc:
+            raise SystemExit(f"--measured {measured} was measured on {old['nproc']} ranks, not {nproc}")
+        warmup, steps, rounds = old["warmup"], old["steps"], old["rounds"]  # measure the rest alike
+        known = {tuple(sorted(r["fields"].items())): r["meas_all_s"] for r in old["rows"]}
+        for label, lay in layouts.items():
+            key = tuple(sorted(dataclasses.asdict(lay).items()))
+            if key in known:
+                times[label] = known[key]
+    todo = [g for g in grid if g[0] not in times]
+    print(f"planner's pick for {nproc} x {dev.name}: {pick.describe()} ({res.best.step_s:.3g} s predicted); "
+          f"measuring {len(todo)} of {len(grid)} layouts x {rounds} rounds", flush=True)
+    if todo:
+        per_rank = spawn(_time_rank, nproc, todo, warmup, steps, rounds, timeout_s=600)
+        for label, *_ in todo:
+            # A step is as slow as its slowest rank.
+            times[label] = [max(r[label][i] for r in per_rank) for i in range(len(per_rank[0][label]))]
+    rows = []
+    for label, *_ in grid:
+        lay, per_step = layouts[label], times[label]
+        st = step_time(job, lay, dev)
+        rows.append({"layout": label, "describe": lay.describe(), "fields": dataclasses.asdict(lay),
+                     "pred_s": st.total, "meas_s": statistics.median(per_step), "meas_min_s": min(per_step),
+                     "meas_all_s": per_step,
+                     "pred_parts": {"compute": st.compute, "bubble": st.bubble, "tp_comm": st.tp_comm,
+                                    "p2p": st.p2p, "dp_comm": st.dp_comm, "optimizer": st.optimizer}})
+    pred, meas = [r["pred_s"] for r in rows], [r["meas_s"] for r in rows]
+    rho = spearman(pred, meas)
+    rho_min = spearman(pred, [r["meas_min_s"] for r in rows])
+    mape = sum(abs(p - m) / m for p, m in zip(pred, meas)) / len(rows)
+    fastest = min(rows, key=lambda r: r["meas_s"])
+    picked = next(r for r in rows if r["layout"] == pick_label)
+    over = picked["meas_s"] / fastest["meas_s"] - 1
+    in_grid = {label for label, _, _ in TIME_LAYOUTS}
+    top = min((r for r in rows if r["layout"] in in_grid), key=lambda r: r["pred_s"])
+    top_over = top["meas_s"] / fastest["meas_s"] - 1
+    print(f"{'layout':<34} {'predicted s':>11} {'measured s':>10} {'error':>7} {'fastest s':>9}")
+    for r in sorted(rows, key=lambda r: r["meas_s"]):
+        print(f"{r['layout']:<34} {r['pred_s']:>11.3f} {r['meas_s']:>10.3f} "
+              f"{(r['pred_s'] / r['meas_s'] - 1) * 100:>6.0f}% {r['meas_min_s']:>9.3f}")
+    print(f"Spearman {rho:.3f} (against the fastest steps {rho_min:.3f}); MAPE {mape * 100:.1f}%; planner's pick "
+          f"{picked['layout']} ({pick.describe()}) measured {picked['meas_s']:.3f} s, {over * 100:.1f}% above the "
+          f"fastest ({fastest['layout']}, {fastest['meas_s']:.3f} s); the grid's fastest predicted, {top['layout']}, "
+          f"measured {top_over * 100:.1f}% above it")
+    return {"device": dev.name, "device_source": dev.source, "nproc": nproc, "model": TIME_MODEL,
+            "global_batch": TIME_BATCH, "warmup": warmup, "steps": steps, "rounds": rounds, "rows": rows,
+            "spearman": rho, "spearman_fastest_steps": rho_min, "mape": mape, "pick": picked["layout"],
+            "pick_meas_s": picked["meas_s"], "fastest": fastest["layout"], "fastest_meas_s": fastest["meas_s"],
+            "pick_over_fastest": over, "grid_pick": top["layout"], "grid_pick_over_fastest": top_over}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sanity", action="store_true")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--gpu", default="a100-80g", help="--sanity: the device preset")
+    ap.add_argument("--time", action="store_true")
+    ap.add_argument("--gpu", default=None, help="--sanity: the device preset (default a100-80g); --time: a file "
+                                                "from gigatrain plan --calibrate (default: calibrate now)")
+    ap.add_argument("--warmup", type=int, default=2, help="--time: steps before timing, per layout and round")
+    ap.add_argument("--steps", type=int, default=3, help="--time: timed steps per layout and round")
+    ap.add_argument("--rounds", type=int, default=3, help="--time: passes over the grid")
+    ap.add_argument("--measured", default=None, metavar="FILE.json",
+                    help="--time: reuse the step times of an earlier --time run (same --nproc); measure only "
+                         "layouts it does not hold")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result = {}
-    if args.sanity or not args.memory:
-        result["sanity"] = sanity(args.gpu)
+    if args.sanity or not (args.memory or args.time):
+        result["sanity"] = sanity(args.gpu or "a100-80g")
     if args.memory:
         result["memory"] = memory(args.nproc)
+    if args.time:
+        result["time"] = step_times(args.nproc, args.gpu, args.warmup, args.steps, args.rounds, args.measured)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

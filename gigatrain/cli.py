@@ -166,8 +166,13 @@ def _train(cfg, args, argv: list[str]) -> int:
     else:
         world = args.nproc if args.nproc is not None else (cfg.nproc or 1)
         world = _fit_to_gpus(cfg, world, explicit=args.nproc is not None)
+    auto_args: list[str] = []
+    if cfg.parallel.auto and not worker:
+        cfg, auto_args = _auto_layout(cfg, args, env, world)
     resolved = resolve_for_world(cfg, world)
     check_supported(resolved)
+    if not worker:
+        _memory_check(resolved, env, world)
     if not worker and cfg.out is None:
         # Only now that the config is known to be good, so a typo leaves no empty folder behind.
         cfg = _choose_out(cfg, args.config, env)
@@ -197,11 +202,45 @@ def _train(cfg, args, argv: list[str]) -> int:
         i = argv.index("--nproc")
         worker_argv = argv[:i] + argv[i + 2:]
     worker_argv.append(f"out={resolved.out}")  # the folder this launcher holds, fresh or given
+    worker_argv += auto_args  # the layout chosen here, so that no worker plans on its own
     warning = nproc_warning(world, os.cpu_count() or 1, _mem_available(), gpus=_gpu_count())
     if warning:
         print(warning, file=sys.stderr, flush=True)
     # The workers, or the launcher for a worker that could not speak, have said what went wrong.
     return launch_local(world, worker_argv, extra_env={WORKER_ENV: "1"})
+
+
+def _planner_device(env, world: int):
+    """The device the planner predicts for, and processes per node: all local under our own
+    launcher; under torchrun/srun each rank decides alone, so from what every rank sees alike."""
+    from .planner.auto import training_device
+
+    local = env.local_world_size if env.is_distributed_launch else world
+    return training_device(local, same_on_every_rank=env.is_distributed_launch), local
+
+
+def _auto_layout(cfg, args, env, world: int):
+    """``parallel.auto``: the planner's layout for this world and device, keys the user gave
+    (config file, command line) kept; returns the config and the overrides that make it."""
+    from .planner.auto import choose_layout, given_keys
+
+    device, local = _planner_device(env, world)
+    given = given_keys(args.config, _split_args(args.items)[1])
+    choice = choose_layout(cfg, world, device, given, gpus_per_node=local)
+    if env.rank == 0:
+        shown = " ".join(a for a in choice.argv() if not a.startswith("parallel.auto="))
+        print(f"gigatrain: parallel.auto chose {choice.describe()} ({shown or 'the configured layout'})", flush=True)
+    return choice.cfg, choice.argv()
+
+
+def _memory_check(resolved, env, world: int) -> None:
+    """Print the predicted peak memory per rank; refuse (ConfigError) a layout predicted not to fit."""
+    from .planner.auto import check_memory
+
+    device, local = _planner_device(env, world)
+    line = check_memory(resolved, world, device, gpus_per_node=local)
+    if line and env.rank == 0:
+        print(f"gigatrain: {line}", flush=True)
 
 
 def _choose_out(cfg, config_path: str | None, env):

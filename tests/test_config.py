@@ -134,6 +134,7 @@ OVERRIDES = [
     ("train.compile", ["train.compile=default"], "default"),
     ("train.profile_steps", ["train.profile_steps=3,5"], (3, 5)),
     ("train.onebit_warmup", ["train.onebit_warmup=50"], 50),
+    ("parallel.auto", ["parallel.auto=true"], True),
     ("parallel.dp", ["parallel.dp=4"], 4),
     ("parallel.pp", ["parallel.pp=2"], 2),
     ("parallel.tp", ["parallel.tp=2"], 2),

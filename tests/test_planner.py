@@ -260,3 +260,33 @@ def test_step_time_parts_add_up():
         st = step_time(job, lay, dev)
         assert st.total == pytest.approx(st.compute + st.bubble + st.p2p + st.dp_comm + st.optimizer)
         assert 0 <= st.bubble_fraction < 1 and 0 <= st.comm_share < 1
+
+
+# -- calibrated devices and the engine's tensor-parallel traffic -------------------------------
+def test_calibrated_collective_fit_replaces_the_intra_node_link(tmp_path):
+    from dataclasses import replace
+
+    from gigatrain.planner.calibrate import matmul_envelope
+
+    dev = replace(PRESETS["cpu"], collective_fits=(("reduce_scatter", 1e-3, 1e8),))
+    assert collective_time("reduce_scatter", 1e6, 4, dev, False) == pytest.approx(3 * 1e-3 + 0.75 * 1e6 / 1e8)
+    assert collective_time("all_gather", 1e6, 4, dev, False) == pytest.approx(3 * 0.7e-3 + 0.75 * 1e6 / 0.47e9)
+    assert collective_time("reduce_scatter", 1e6, 4, dev, True) == pytest.approx(3 * 0.7e-3 + 0.75 * 1e6 / 0.47e9)
+    path = tmp_path / "dev.json"
+    path.write_text(dev.to_json())
+    assert get_device(str(path)) == dev
+    assert matmul_envelope([(8.0, 30.0), (1.0, 10.0), (64.0, 20.0)]) == [(1.0, 10.0), (8.0, 30.0), (64.0, 30.0)]
+
+
+def test_sequence_parallel_traffic_is_what_the_engine_sends():
+    from gigatrain.planner.cost import block_times
+
+    dev, job = PRESETS["cpu"], Job(SMALL, 64, param_bytes=4)
+    lay = Layout(dp=1, pp=1, tp=4, micro_batch=2)
+    nbytes, h = 2 * 128 * 256 * 4, 256
+    plain, sp = block_times(job, lay, dev), block_times(job, Layout(dp=1, pp=1, tp=4, sp=True, micro_batch=2), dev)
+    ar, ag, rs = (collective_time(k, nbytes, 4, dev, False) for k in ("all_reduce", "all_gather", "reduce_scatter"))
+    assert plain.tp_comm == pytest.approx(4 * ar)
+    # forward: 2 gathers + 2 reduce-scatters; backward: the same, 2 gathers of the inputs the
+    # column-parallel layers did not keep, and 6 small all-reduces of sequence-shard gradients
+    assert sp.tp_comm == pytest.approx(4 * (ag + rs) + 2 * ag + 6 * collective_time("all_reduce", h * 4, 4, dev, False))

@@ -121,6 +121,7 @@ def _int_tuple(value: Any) -> Any:
 class ParallelConfig(_Section):
     """How the work is split over processes."""
 
+    auto: bool = Field(False, description="Let the planner choose the layout before launch: the predicted fastest that fits the job's world size and device (`parallel.*` degrees, sequence parallel, ZeRO stage, offload, schedule, `train.micro_batch`, `train.recompute`); layout keys given in the config file or on the command line stay as given. The choice is printed in one line.")
     dp: Optional[int] = Field(None, ge=1, description="Data-parallel degree (null = world size / (pp x tp)).")
     pp: int = Field(1, ge=1, description="Pipeline-parallel degree (stages).")
     tp: int = Field(1, ge=1, description="Tensor-parallel degree: attention heads, MLP width and vocabulary split over tp ranks (innermost in the rank order, so a tp group stays inside a node). Must divide `model.n_head`, `model.d_model` and the padded vocabulary.")

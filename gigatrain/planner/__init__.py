@@ -7,6 +7,8 @@
 - ``presets``: GPU figures, this machine, calibration files; ``calibrate`` measures one.
 - ``plan``: configs in, layouts out (``plan_for``, ``predicted_peak_bytes``); ``report`` and
   ``cli`` make ``gigatrain plan``.
+- ``auto``: the planner inside ``gigatrain train`` before launch: ``parallel.auto`` and the
+  predicted memory of every run, refused when it does not fit.
 """
 from .memory import Job, Layout, ModelSpec, block_activation_bytes, korthikanti_activation_bytes, memory_breakdown
 from .cost import counted_flops, narayanan_flops, step_time

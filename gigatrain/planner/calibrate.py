@@ -1,36 +1,44 @@
 """``gigatrain plan --calibrate``: measure this machine and write a device file for ``--gpu``.
 
 Measured: the matmul rate at several sizes in the compute dtype (fp32 on a CPU, bf16 on a GPU),
-with the threads one of ``ranks`` local processes gets; the memory bandwidth (a large copy); and
-all-reduce, all-gather, reduce-scatter and point-to-point times of ``ranks`` local gloo processes
-at several sizes, fitted to the alpha-beta model (latency per ring step, bandwidth). The file
-holds measured rates, so its ``link_eff`` is 1.
+with the threads one of ``ranks`` local processes gets, and the memory bandwidth (a large copy),
+both scaled by each rank's share of the cores on a CPU with fewer cores than ranks; all-reduce,
+all-gather, reduce-scatter and point-to-point times of ``ranks`` local gloo processes at several
+sizes, fitted to the alpha-beta model (latency per ring step, bandwidth), all ops together and
+each op alone (``Device.collective_fits``). Every time is the fastest of several windows, the
+one least disturbed by other processes (what ``timeit`` recommends on a shared machine). The
+file holds measured rates, so its ``link_eff`` is 1.
 """
 from __future__ import annotations
 
 import os
 import time
 
-__all__ = ["calibrate", "measure_matmul", "fit_alpha_beta"]
+__all__ = ["calibrate", "measure_matmul", "matmul_envelope", "fit_alpha_beta"]
 
 _SIZES_BYTES = (4 << 10, 256 << 10, 4 << 20, 16 << 20)
 
 
-def _timeit(fn, min_s: float = 0.2, sync=lambda: None) -> float:
+def _timeit(fn, min_s: float = 0.2, sync=lambda: None, windows: int = 1) -> float:
+    """Seconds per call in the fastest of ``windows`` windows of at least ``min_s`` each."""
     fn()
     sync()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        sync()
-        dt = time.perf_counter() - t0
-        if dt >= min_s and n >= 3:
-            return dt / n
+    out = []
+    for _ in range(windows):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            sync()
+            dt = time.perf_counter() - t0
+            if dt >= min_s and n >= 3:
+                out.append(dt / n)
+                break
+    return min(out)
 
 
 def measure_matmul(device: str = "cpu", dtype=None, sizes=(128, 256, 512, 1024, 2048)) -> list[tuple[float, float]]:
-    """(FLOPs per call, FLOP/s) of square matmuls of the given sides."""
+    """(FLOPs per call, FLOP/s) of square matmuls of the given sides (fastest of 10 windows)."""
     import torch
 
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
@@ -39,8 +47,19 @@ def measure_matmul(device: str = "cpu", dtype=None, sizes=(128, 256, 512, 1024, 
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        dt = _timeit(lambda: a @ b, sync=sync)
+        dt = _timeit(lambda: a @ b, min_s=0.05, sync=sync, windows=10)
         out.append((2.0 * n ** 3, 2.0 * n ** 3 / dt))
+    return out
+
+
+def matmul_envelope(table) -> list[tuple[float, float]]:
+    """``table`` (FLOPs, FLOP/s) sorted by size, each rate raised to the best rate of the sizes
+    below it: a larger matmul can always run as tiles of a smaller one, so a dip is a window
+    disturbed by other processes, not a property of the device."""
+    out, best = [], 0.0
+    for f, r in sorted(table):
+        best = max(best, r)
+        out.append((f, best))
     return out
 
 
@@ -50,16 +69,21 @@ def _mem_bw(device: str = "cpu") -> float:
     x = torch.empty(64 << 20 if device == "cpu" else 256 << 20, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    dt = _timeit(lambda: y.copy_(x), sync=sync)
+    dt = _timeit(lambda: y.copy_(x), sync=sync, windows=3)
     return 2 * x.numel() / dt
 
 
-def _timed_reps(fn, reps: int) -> float:
+def _timed_reps(fn, reps: int, windows: int = 3) -> float:
+    """Seconds per call in the fastest of ``windows`` windows of ``reps`` calls (the same number
+    of calls on every rank: a time budget per rank would not match up)."""
     fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
+    out = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        out.append((time.perf_counter() - t0) / reps)
+    return min(out)
 
 
 def _collectives(rank: int, world: int, sizes) -> dict:
@@ -68,8 +92,7 @@ def _collectives(rank: int, world: int, sizes) -> dict:
 
     out = {}
     for nbytes in sizes:
-        # The same number of calls on every rank (a time budget per rank would not match up).
-        reps = max(3, min(50, int(64e6 / nbytes)))
+        reps = max(3, min(30, int(32e6 / nbytes)))
         n = nbytes // 4
         full = torch.ones(n)
         shard = torch.ones(n // world)
@@ -96,12 +119,13 @@ def _collectives(rank: int, world: int, sizes) -> dict:
 
 def fit_alpha_beta(points: list[tuple[float, float, float]]) -> tuple[float, float]:
     """Least squares of ``t = steps * alpha + volume / bw`` over (steps, volume bytes, seconds)
-    points; returns (alpha, bw), both kept positive."""
+    points, in relative error (each row divided by its ``t``: microsecond messages count as much
+    as millisecond ones, so the latency is not lost under the bandwidth term); returns (alpha,
+    bw), both kept positive."""
     import numpy as np
 
-    A = np.array([[s, v] for s, v, _ in points], dtype=float)
-    y = np.array([t for _, _, t in points], dtype=float)
-    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    A = np.array([[s / t, v / t] for s, v, t in points], dtype=float)
+    coef, *_ = np.linalg.lstsq(A, np.ones(len(points)), rcond=None)
     alpha = max(float(coef[0]), 1e-7)
     inv_bw = float(coef[1])
     if inv_bw <= 0:  # latency-dominated everywhere: take the largest message alone
@@ -123,24 +147,32 @@ def calibrate(ranks: int = 2, name: str | None = None, sizes_bytes=_SIZES_BYTES)
     dev = "cuda" if cuda else "cpu"
     cores = os.cpu_count() or 1
     threads = torch.get_num_threads()
+    sizes = (256, 512, 1024, 2048, 4096, 8192) if cuda else (64, 128, 256, 512, 1024)
     if not cuda:
         torch.set_num_threads(max(1, cores // ranks))  # what each of `ranks` local processes gets
     try:
-        table = measure_matmul(dev, sizes=(256, 512, 1024, 2048, 4096, 8192) if cuda else (64, 128, 256, 512, 1024))
+        table = measure_matmul(dev, sizes=sizes)
         mem_bw = _mem_bw(dev)
     finally:
         torch.set_num_threads(threads)
-    alpha, bw = 60e-6, 1e9
+    table = matmul_envelope(table)
+    if not cuda and ranks > cores:
+        # Busy ranks share the cores: each computes at its share of one core's rate.
+        share = cores / ranks
+        table = [(f, r * share) for f, r in table]
+        mem_bw *= share
+    alpha, bw, fits = 60e-6, 1e9, []
     if ranks > 1:
         res = spawn(_collectives, ranks, list(sizes_bytes), timeout_s=120)[0]
-        pts = []
+        by_op: dict[str, list] = {}
         for (op, nbytes), t in res.items():
             if op == "p2p":
-                pts.append((1, nbytes, t))
+                by_op.setdefault(op, []).append((1, nbytes, t))
             else:
                 steps = 2 * (ranks - 1) if op == "all_reduce" else ranks - 1
-                pts.append((steps, steps / ranks * nbytes, t))
-        alpha, bw = fit_alpha_beta(pts)
+                by_op.setdefault(op, []).append((steps, steps / ranks * nbytes, t))
+        alpha, bw = fit_alpha_beta([p for pts in by_op.values() for p in pts])
+        fits = [(op, *fit_alpha_beta(pts)) for op, pts in sorted(by_op.items())]
     host = _mem_total()
     if cuda:
         props = torch.cuda.get_device_properties(0)
@@ -154,7 +186,7 @@ def calibrate(ranks: int = 2, name: str | None = None, sizes_bytes=_SIZES_BYTES)
                   mem_bw=mem_bw, intra_bw=bw, inter_bw=bw, intra_alpha=alpha, inter_alpha=alpha, link_eff=1.0,
                   matmul_table=tuple(table), host_mem_bytes=host / ranks, pcie_bw=mem_bw,
                   cpu_adam_rate=PRESETS["cpu"].cpu_adam_rate, runtime_bytes=runtime, alloc_margin=margin,
-                  gpus_per_node=ranks,
+                  gpus_per_node=ranks, comm_overlap=cuda, collective_fits=tuple(fits),
                   source=f"measured by gigatrain plan --calibrate on {socket.gethostname()}, {ranks} gloo ranks, "
                          f"{time.strftime('%Y-%m-%d')}")
 

@@ -8,8 +8,10 @@
   parallel is innermost in the rank order, then pipeline, then data parallel), across nodes
   otherwise.
 - Tensor parallel (Megatron): per block, two all-reduces of ``b s h`` in forward and two in
-  backward (sequence parallel: all-gather + reduce-scatter, the same bytes); they sit on the
-  critical path. Full recomputation repeats the forward, its all-reduces included; selective
+  backward (sequence parallel: an all-gather and a reduce-scatter for each, the same bytes, and
+  in backward two more all-gathers, of the inputs the column-parallel layers did not save, and
+  six small all-reduces of the gradients of parameters that saw a sequence shard); they sit on
+  the critical path. Full recomputation repeats the forward, its all-reduces included; selective
   recomputation repeats the attention core.
 - Pipeline: ``pipeline.makespan_units`` replays the schedule with the predicted chunk costs and
   hand-off time; the first and last stages also run the embedding and the head, which the other
@@ -17,10 +19,11 @@
 - Data parallel, as the engine does it: without a pipeline, gradient reduction overlaps the
   last micro-batch's backward (ZeRO-2 and -3 overlap every micro-batch's; ZeRO-3 gathers each
   unit while the previous one computes) and only what does not fit under it, or at least one
-  bucket, is exposed; with a pipeline the reduction starts after the flush and is exposed
-  whole, as are ZeRO-1's parameter all-gather and the tied-embedding reduction between the
-  first and last stage. The optimizer step runs at memory bandwidth on the device, or at
-  ``Device.cpu_adam_rate`` plus the copies over PCIe when offloaded.
+  bucket, is exposed (all of it on a device without ``Device.comm_overlap``: gloo on a CPU
+  reduces and copies on the cores the compute uses); with a pipeline the reduction starts after
+  the flush and is exposed whole, as are ZeRO-1's parameter all-gather and the tied-embedding
+  reduction between the first and last stage. The optimizer step runs at memory bandwidth on
+  the device, or at ``Device.cpu_adam_rate`` plus the copies over PCIe when offloaded.
 """
 from __future__ import annotations
 
@@ -37,14 +40,17 @@ def collective_time(kind: str, nbytes: float, n: int, device, inter: bool) -> fl
     """Seconds for a collective over ``n`` ranks on one link class. ``nbytes`` is the full
     tensor (the all-reduced buffer, the gathered result, the reduce-scattered input, or the
     message): ring all-reduce ``2(n-1) alpha + 2 (n-1)/n bytes / bw``; all-gather and
-    reduce-scatter half of that; point-to-point ``alpha + bytes / bw``."""
-    if kind == "p2p":
-        bw = (device.inter_bw if inter else device.intra_bw) * device.link_eff
-        return (device.inter_alpha if inter else device.intra_alpha) + nbytes / bw
-    if n <= 1 or nbytes <= 0:
-        return 0.0
+    reduce-scatter half of that; point-to-point ``alpha + bytes / bw``. Inside a node a
+    calibrated device's own fit for the op (``Device.collective_fit``) replaces alpha and bw."""
+    fit = None if inter else device.collective_fit(kind)
     bw = (device.inter_bw if inter else device.intra_bw) * device.link_eff
     alpha = device.inter_alpha if inter else device.intra_alpha
+    if fit is not None:
+        alpha, bw = fit[0], fit[1] * device.link_eff
+    if kind == "p2p":
+        return alpha + nbytes / bw
+    if n <= 1 or nbytes <= 0:
+        return 0.0
     steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
     if kind not in ("all_reduce", "all_gather", "reduce_scatter"):
         raise ValueError(f"unknown collective {kind!r}")
@@ -117,16 +123,28 @@ def block_times(job: Job, lay: Layout, device) -> BlockTimes:
         # Scores written, scaled, masked, softmaxed, dropped out and read back: ~6 passes over
         # a s / t elements per token, plus a one-byte mask.
         attn += tokens * m.n_head * s / t * (6 * e + 1) / device.mem_bw
-    tp = 0.0
+    tp_f = tp_b = 0.0
     if t > 1:
-        tp = 2 * collective_time("all_reduce", tokens * h * e, t, device, _inter(t, device))
-    f = gemm + attn + elem + tp
-    b = gemm + 2 * attn + 2 * elem + tp
+        inter, nbytes = _inter(t, device), tokens * h * e
+        if lay.sp:
+            ag = collective_time("all_gather", nbytes, t, device, inter)
+            rs = collective_time("reduce_scatter", nbytes, t, device, inter)
+            # A column-parallel layer saves only its sequence shard, so backward gathers its
+            # input again for the weight gradient: two more all-gathers than forward. The six
+            # parameters that see only a sequence shard (LayerNorm weights and biases, the
+            # row-parallel biases) have their gradients summed over tp as backward produces
+            # them, one small all-reduce each: latency that counts where a call is slow (gloo).
+            small = 6 * collective_time("all_reduce", h * e, t, device, inter)
+            tp_f, tp_b = 2 * (ag + rs), 2 * (ag + rs) + 2 * ag + small
+        else:
+            tp_f = tp_b = 2 * collective_time("all_reduce", nbytes, t, device, inter)
+    f = gemm + attn + elem + tp_f
+    b = gemm + 2 * attn + 2 * elem + tp_b
     if lay.recompute == "full":
         b += f
     elif lay.recompute == "selective":
         b += attn
-    tp_total = tp * (3 if lay.recompute == "full" else 2)
+    tp_total = tp_f + tp_b + (tp_f if lay.recompute == "full" else 0.0)
     return BlockTimes(f=f, b=b, w=gemm, tp_comm=tp_total)
 
 
@@ -196,7 +214,8 @@ def step_time(job: Job, lay: Layout, device, bt: BlockTimes | None = None, bound
         busy = M * (m.n_layer * (bt.f + bt.b + bt.w) + stem + head)
         span = busy
         tp_comm = M * (m.n_layer * bt.tp_comm + ends_comm)
-        last_bwd = m.n_layer * (bt.b + bt.w)
+        # What data-parallel communication can hide behind (nothing where it needs the cores).
+        last_bwd = m.n_layer * (bt.b + bt.w) if device.comm_overlap else 0.0
     else:
         fc, bc, wc = chunk * bt.f, chunk * bt.b, chunk * bt.w
         tokens = m.seq * lay.micro_batch
@@ -240,7 +259,7 @@ def step_time(job: Job, lay: Layout, device, bt: BlockTimes | None = None, bound
         else:
             unit = max(m.block_params(lay.tp), m.stem_params(lay.tp) + m.head_params(lay.tp)) * e
             ag = coll("all_gather", params)
-            fwd = m.n_layer * bt.f
+            fwd = m.n_layer * bt.f if device.comm_overlap else 0.0
             dp_comm = M * (max(ag - fwd, coll("all_gather", unit))
                            + max(ag + coll("reduce_scatter", grads) - last_bwd, coll("reduce_scatter", unit)))
     if m.tied and lay.pp > 1:

@@ -37,6 +37,11 @@ class Device:
       workspace, or the interpreter and torch on a CPU); ``alloc_margin``: fraction added to the
       tensors' peak for allocator fragmentation when deciding what fits.
     - ``gpus_per_node``: the default node size.
+    - ``comm_overlap``: whether communication can run beside compute (GPUs: copy engines and
+      NCCL kernels); on a CPU gloo reduces and copies on the cores the compute uses.
+    - ``collective_fits``: measured ``(op, alpha, bw)`` per collective inside a node (from
+      ``--calibrate``), used instead of the intra-node link for that op: backends implement the
+      collectives differently (gloo's reduce-scatter costs about an all-reduce, not half of one).
     """
 
     name: str
@@ -59,6 +64,8 @@ class Device:
     runtime_bytes: float = 1.5 * GiB
     alloc_margin: float = 0.08
     gpus_per_node: int = 8
+    comm_overlap: bool = True
+    collective_fits: tuple = ()
     source: str = ""
 
     def matmul_rate(self, flops: float) -> float:
@@ -79,7 +86,15 @@ class Device:
     def to_json(self) -> str:
         d = asdict(self)
         d["matmul_table"] = [list(x) for x in self.matmul_table]
+        d["collective_fits"] = [list(x) for x in self.collective_fits]
         return json.dumps(d, indent=2)
+
+    def collective_fit(self, op: str):
+        """``(alpha, bw)`` measured for ``op`` inside a node, or None."""
+        for name, alpha, bw in self.collective_fits:
+            if name == op:
+                return alpha, bw
+        return None
 
 
 # Public figures (vendor datasheets): dense bf16 tensor-core peak, HBM size and bandwidth,
@@ -106,13 +121,14 @@ PRESETS: dict[str, Device] = {
                    source="NVIDIA H200 SXM datasheet; HGX H200 (8x NDR 400 Gb/s)"),
     # This project's 2-core CI/dev VM, one process per core with one thread each, fp32 (bf16
     # matmul is ~160x slower there); gloo over loopback. Rates measured with
-    # `gigatrain plan --calibrate` (docs/benchmarks.md, Planner); memory is the VM's 23 GiB
-    # shared by the two ranks.
+    # `gigatrain plan --calibrate` (docs/benchmarks.md, Planner; the matmul table as its
+    # monotone envelope, see ``calibrate.matmul_envelope``); memory is the VM's 23 GiB shared by
+    # the two ranks. gloo's reductions and copies take the cores the compute uses: no overlap.
     "cpu": Device("cpu", flops=160e9, dtype="fp32", mem_bytes=11.7 * GiB, mem_bw=13e9,
                   intra_bw=0.47e9, inter_bw=0.47e9, intra_alpha=0.7e-3, inter_alpha=0.7e-3, link_eff=1.0,
-                  matmul_table=((5.2e5, 40e9), (4.2e6, 48e9), (3.4e7, 52e9), (2.7e8, 45e9), (2.1e9, 45e9)),
+                  matmul_table=((5.2e5, 40e9), (4.2e6, 48e9), (3.4e7, 52e9), (2.7e8, 52e9), (2.1e9, 52e9)),
                   host_mem_bytes=11.7 * GiB, pcie_bw=13e9, cpu_adam_rate=0.15e9, nvme_bw=0.5e9,
-                  runtime_bytes=0.45 * GiB, alloc_margin=0.0, gpus_per_node=2,
+                  runtime_bytes=0.45 * GiB, alloc_margin=0.0, gpus_per_node=2, comm_overlap=False,
                   source="2-core Xeon VM (AVX-512), 1 thread per rank, measured"),
 }
 
@@ -155,6 +171,10 @@ def device_from_dict(data: dict, source: str = "") -> Device:
     if d["matmul_table"] and any(len(x) != 2 for x in d["matmul_table"]):
         raise ValueError(f"device file {source}: matmul_table must be a list of [flops, rate] pairs")
     d["matmul_table"] = tuple(sorted(d["matmul_table"]))
+    fits = d.get("collective_fits", ())
+    if any(len(x) != 3 for x in fits):
+        raise ValueError(f"device file {source}: collective_fits must be a list of [op, alpha, bw] triples")
+    d["collective_fits"] = tuple((str(op), float(a), float(b)) for op, a, b in fits)
     return Device(**d)
 
 
