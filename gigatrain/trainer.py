@@ -19,7 +19,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .config import Config, resolve_for_world
 from .data import open_dataset
-from .data.sampler import BatchLoader, GlobalBatchSampler
+from .data.sampler import BatchLoader, BatchRamp, GlobalBatchSampler
 from .distributed.launch import DistEnv, distributed, read_env
 from .distributed.comm import OpLog
 from .distributed.mesh import Mesh, ParallelDims
@@ -47,6 +47,8 @@ class TrainResult:
     stop_checkpoint: str | None = None  # the checkpoint written when it stopped
     # peak_host_bytes and peak_mem_bytes at the end of the run, largest over the ranks
     peak_memory: dict = field(default_factory=dict)
+    # train.target: when it was first met (step, seconds of training, samples), None if never
+    target: dict | None = None
 
 
 # Models whose initial values are keyed by module name (``init_seed``, ``init_module``), which
@@ -157,7 +159,12 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
         print(f"resuming from step {start} ({ckpt_root})", flush=True)
 
     dp_rank = mesh.coords["dp"]
-    sampler = GlobalBatchSampler(len(dataset), t.global_batch, t.seed)
+    ramp = BatchRamp(*t.batch_ramp, t.global_batch) if t.batch_ramp else None
+    sampler = GlobalBatchSampler(len(dataset), t.global_batch, t.seed, ramp=ramp)
+    # Under a ramp the schedule runs on samples (in full-batch steps), so small early batches
+    # do not eat the warm-up or the decay.
+    sched_step = (lambda s: sampler.batch_offset(s) / t.global_batch) if ramp else (lambda s: s)
+    sched_total = sched_step(t.steps)
     end = t.stop_after if t.stop_after is not None else t.steps
     logger = MetricsLogger(out, enabled=is_main, resume_step=start)
     show = is_main and not quiet
@@ -172,6 +179,8 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
     in_a_row = 0  # consecutive steps skipped for NaN/inf
     trace = TraceWindow(t.profile_steps, out, rank, device)
     batch_iter = iter(loader)
+    target = parse_target(t.target) if t.target else None
+    t_start = time.perf_counter()
     try:
         for step in range(start, end):
             t_wait = time.perf_counter()
@@ -180,8 +189,8 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
                 break
             loader_wait = time.perf_counter() - t_wait
             lr = probe.lr(step) if probe is not None else lr_at(
-                step, kind=t.schedule, lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps,
-                min_lr_ratio=t.min_lr_ratio)
+                sched_step(step), kind=t.schedule, lr=t.lr, total_steps=sched_total,
+                warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio)
             log.step = step + 1
             if cfg.debug.inject_hang_step == step + 1 and rank == cfg.debug.inject_hang_rank:
                 inject_hang()
@@ -200,7 +209,8 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
                 result.nonfinite_steps.append(done)
             in_a_row = in_a_row + 1 if res.nonfinite else (in_a_row if res.skipped else 0)
             rec = step_metrics(step=done, loss=res.loss, lr=lr, grad_norm=res.grad_norm,
-                               seconds=tm.seconds, samples=t.global_batch,
+                               elapsed_s=time.perf_counter() - t_start,
+                               seconds=tm.seconds, samples=sampler.batch_size(step),
                                tokens_per_sample=model.tokens_per_sample, flops_per_sample=flops,
                                world_size=world, device=device, precision=policy.name,
                                skipped=res.skipped, nonfinite=res.nonfinite, loss_scale=res.loss_scale,
@@ -215,6 +225,15 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
                 if show:
                     bar.print(f"step {done}: val loss {rec['val_loss']:.4f}"
                               + (f", val accuracy {acc:.2%}" if acc is not None else ""))
+                if target is not None and result.target is None and target_met(target, rec):
+                    # Every rank evaluated the same global batches: all stop together.
+                    result.target = {"step": done, "seconds": time.perf_counter() - t_start,
+                                     "samples": sampler.batch_offset(done)}
+                    rec.update(target_reached=t.target, time_to_target_s=result.target["seconds"],
+                               samples_to_target=result.target["samples"])
+                    if show:
+                        bar.print(f"step {done}: reached {t.target} after {result.target['seconds']:.1f} s of "
+                                  f"training and {result.target['samples']:,} samples; stopping")
             logger.log(rec)
             rate = rec["tokens_per_s"] if rec["tokens_per_s"] is not None else rec["samples_per_s"]
             bar.update(done, res.loss, rate)
@@ -243,6 +262,10 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
             elif (every and done % every == 0) or done == end:
                 _save(cfg, engine, ckpt_root, done, rank, mesh, device)
             result.last_step = done
+            if result.target is not None:
+                if not ((every and done % every == 0) or done == end):
+                    _save(cfg, engine, ckpt_root, done, rank, mesh, device)
+                break
             if stop is not None and done < end and (sig := _agreed_stop_signal(stop, mesh, device)):
                 result.stopped_by = sig
                 if not in_a_row:  # else the newest checkpoint stays the last good one
@@ -274,6 +297,25 @@ def _run(cfg: Config, device: torch.device, quiet: bool, log: OpLog, stop=None, 
         print(format_peaks(result.peak_memory), flush=True)
     engine.close()
     return result
+
+
+def parse_target(text: str) -> tuple[str, str, float]:
+    """``"val_accuracy>=0.93"`` -> ``("val_accuracy", ">=", 0.93)`` (``val_loss<=X`` likewise)."""
+    import re
+
+    m = re.fullmatch(r"\s*(val_accuracy|val_loss)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", text)
+    if m is None:
+        raise ValueError(f"target {text!r}: expected val_accuracy>=X or val_loss<=X")
+    return m.group(1), m.group(2), float(m.group(3))
+
+
+def target_met(target: tuple[str, str, float], rec: dict) -> bool:
+    """Whether the metrics record ``rec`` meets ``target`` (False when it lacks the metric)."""
+    key, op, value = target
+    got = rec.get(key)
+    if got is None:
+        return False
+    return got >= value if op == ">=" else got <= value
 
 
 def _agreed_stop_signal(stop, mesh: Mesh, device) -> int:
@@ -313,9 +355,6 @@ def _resume(cfg, engine: Engine, root: Path, rank: int, mesh: Mesh, device) -> i
     return step
 
 
-EVAL_BATCHES = 4  # global batches of the validation split per evaluation
-
-
 def _make_eval(cfg, engine: Engine, dp_rank: int, device):
     """A function returning (val loss, val accuracy or None) on fixed validation batches."""
     from types import SimpleNamespace
@@ -323,7 +362,9 @@ def _make_eval(cfg, engine: Engine, dp_rank: int, device):
     t, p = cfg.train, cfg.parallel
     sampler = GlobalBatchSampler(len(val), t.global_batch, t.seed)
     batches = []
-    for step in range(EVAL_BATCHES):
+    # 0: every whole global batch of the split, i.e. (nearly) all of it: a test accuracy.
+    n = t.eval_batches or max(1, len(val) // t.global_batch)
+    for step in range(n):
         for idx in sampler.local_microbatches(step, dp_rank, p.dp, t.micro_batch):
             x, y = val.get_batch(idx)
             batches.append((x.to(device), y.to(device)))

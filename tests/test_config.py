@@ -105,6 +105,8 @@ OVERRIDES = [
     ("model.coatnet_depths", ["model.coatnet_depths=[2,2,3,2]"], [2, 2, 3, 2]),
     ("model.coatnet_dims", ["model.coatnet_dims=[16, 32, 64, 128]"], [16, 32, 64, 128]),
     ("model.init_std", ["model.init_std=1e-2"], 0.01),
+    ("model.resnet_widths", ["model.resnet_widths=[8, 16]", "model.resnet_depths=[1, 1]"], [8, 16]),
+    ("model.resnet_depths", ["model.resnet_depths=[2, 2, 2]"], [2, 2, 2]),
     ("data.name", ["data.name=pystdlib"], "pystdlib"),
     ("data.path", ["data.path=/tmp/some file.txt"], "/tmp/some file.txt"),
     ("data.tokenizer", ["data.tokenizer=bpe"], "bpe"),
@@ -134,6 +136,9 @@ OVERRIDES = [
     ("train.compile", ["train.compile=default"], "default"),
     ("train.profile_steps", ["train.profile_steps=3,5"], (3, 5)),
     ("train.onebit_warmup", ["train.onebit_warmup=50"], 50),
+    ("train.batch_ramp", ["train.batch_ramp=32,32,10000"], (32, 32, 10000)),
+    ("train.target", ["train.target=val_loss<=1.5", "train.eval_every=50"], "val_loss<=1.5"),
+    ("train.eval_batches", ["train.eval_batches=0"], 0),
     ("parallel.auto", ["parallel.auto=true"], True),
     ("parallel.dp", ["parallel.dp=4"], 4),
     ("parallel.pp", ["parallel.pp=2"], 2),
@@ -514,4 +519,4 @@ def test_config_reference_lists_every_key():
         cells = [c.strip() for c in row.replace("\\|", "/").strip("|").split("|")]
         assert cells[0] == f"`{key}`" and len(cells) == 4
         assert cells[1] and cells[2] and len(cells[3]) > 10, row
-    assert '`"gpt" \\| "vit" \\| "coatnet"`' in ref and "`[0.9, 0.95]`" in ref and "`int \\| null`" in ref
+    assert '`"gpt" \\| "vit" \\| "coatnet" \\| "resnet"`' in ref and "`[0.9, 0.95]`" in ref and "`int \\| null`" in ref

@@ -25,13 +25,13 @@ class _Section(BaseModel):
 
 TEXT_DATASETS = ("kjv", "pystdlib", "textfile")
 IMAGE_DATASETS = ("fashion_mnist",)
-IMAGE_MODELS = ("vit", "coatnet")
+IMAGE_MODELS = ("vit", "coatnet", "resnet")
 
 
 class ModelConfig(_Section):
     """The network to train."""
 
-    name: Literal["gpt", "vit", "coatnet"] = Field("gpt", description="Model family: `gpt` (causal language model), `vit` (vision transformer) or `coatnet` (convolution + attention hybrid).")
+    name: Literal["gpt", "vit", "coatnet", "resnet"] = Field("gpt", description="Model family: `gpt` (causal language model), `vit` (vision transformer), `coatnet` (convolution + attention hybrid) or `resnet` (a small residual CNN).")
     n_layer: int = Field(4, ge=1, description="Number of transformer blocks (gpt, vit).")
     n_head: int = Field(4, ge=1, description="Attention heads per block; must divide `model.d_model` and be divisible by `parallel.tp`.")
     d_model: int = Field(128, ge=1, description="Hidden width (gpt, vit).")
@@ -45,6 +45,8 @@ class ModelConfig(_Section):
     coatnet_depths: list[int] = Field(default_factory=lambda: [1, 1, 2, 1], description="CoAtNet: blocks in each stage.")
     coatnet_dims: list[int] = Field(default_factory=lambda: [32, 64, 96, 128], description="CoAtNet: channels of each stage (same length as `coatnet_depths`).")
     init_std: float = Field(0.02, gt=0.0, description="Standard deviation of the normal weight initialisation.")
+    resnet_widths: list[int] = Field(default_factory=lambda: [32, 64, 128], description="ResNet: channels of each stage (stages after the first halve the grid).")
+    resnet_depths: list[int] = Field(default_factory=lambda: [1, 1, 1], description="ResNet: basic residual blocks in each stage (same length as `resnet_widths`).")
 
 
 class DataConfig(_Section):
@@ -79,9 +81,12 @@ class TrainConfig(_Section):
     stop_after: Optional[int] = Field(None, ge=1, description="Stop after this step while keeping the schedule of `train.steps` (null = run all steps).")
     log_every: int = Field(10, ge=1, description="Print a progress line every N steps when the output is not a terminal (logs, SLURM); `metrics.jsonl` gets every step.")
     eval_every: int = Field(0, ge=0, description="Evaluate on held-out data every N steps (0 = never).")
+    eval_batches: int = Field(4, ge=0, description="Global batches of held-out data per evaluation, always the same ones (0 = every whole global batch of the split: a test accuracy).")
     sample_tokens: int = Field(200, ge=0, description="Tokens of text sampled from a gpt at the end of training (0 = none).")
     max_skipped_steps: int = Field(5, ge=1, description="Stop (training diverged) after this many steps in a row are skipped for a NaN/inf loss or gradient norm; such a step never updates the weights.")
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field("none", description="`torch.compile` each transformer block's forward with this mode (`none` = eager). Blocks are compiled one by one, so ZeRO-3's gathers and pipeline cuts work unchanged; the first steps are slow while the blocks compile (on the CPU inductor needs a C++ compiler).")
+    batch_ramp: Optional[tuple[int, int, int]] = Field(None, description="Batch-size ramp-up `START,INCREMENT,SAMPLES` (Megatron's): the global batch starts at START and grows by INCREMENT in equal shares of the first SAMPLES samples up to `train.global_batch`; START and INCREMENT must be multiples of `train.micro_batch` x `parallel.dp`. Data order stays exact and resumable, and the learning-rate schedule runs on samples (null = no ramp; needs parallel.pp=1).")
+    target: Optional[str] = Field(None, description="Stop when an evaluation reaches this target, `val_accuracy>=X` or `val_loss<=X`, and report the training time and samples it took (needs `train.eval_every`; null = run all steps).")
     profile_steps: Optional[tuple[int, int]] = Field(None, description="Write a torch.profiler trace of steps A to B (1-based, inclusive; `A,B` on the command line) to `<out>/profile/rank<R>.pt.trace.json`, which Perfetto and TensorBoard open (null = none). Every step's forward, backward, exposed communication, optimizer and data-wait seconds are in `metrics.jsonl` anyway.")
     recompute: Literal["none", "selective", "full"] = Field("none", description="Activation recomputation in backward: `none`, `selective` (only the attention core: scores, softmax, dropout; the activations that grow with the square of the sequence) or `full` (each block keeps only its input and runs forward again in backward). Losses are bit-identical; it trades compute for activation memory.")
 
@@ -90,6 +95,21 @@ class TrainConfig(_Section):
     def _betas_from_list(cls, value: Any) -> Any:
         # YAML, JSON and TOML have lists, not tuples.
         return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("batch_ramp", mode="before")
+    @classmethod
+    def _ramp_from_text(cls, value: Any) -> Any:
+        return _int_tuple(value)
+
+    @field_validator("target")
+    @classmethod
+    def _target_form(cls, value: Any) -> Any:
+        import re
+
+        if value is not None and not re.fullmatch(r"\s*(val_accuracy\s*>=|val_loss\s*<=)\s*[-+0-9.eE]+\s*", value):
+            raise ValueError(f"train.target={value!r} is not a target: write val_accuracy>=X or val_loss<=X, "
+                             "e.g. val_accuracy>=0.93")
+        return value
 
     @field_validator("profile_steps", mode="before")
     @classmethod
@@ -228,11 +248,15 @@ def _n_blocks(model: ModelConfig) -> int | None:
     """Blocks in `model.blocks` for models where the config alone determines it."""
     if model.name == "coatnet":
         return sum(model.coatnet_depths)
+    if model.name == "resnet":
+        return sum(model.resnet_depths)
     return model.n_layer
 
 
 def _blocks_key(model: ModelConfig) -> str:
-    return "sum of model.coatnet_depths" if model.name == "coatnet" else "model.n_layer"
+    if model.name in ("coatnet", "resnet"):
+        return f"sum of model.{model.name}_depths"
+    return "model.n_layer"
 
 
 def _cross_problems(cfg: Config) -> list[str]:
@@ -253,6 +277,10 @@ def _cross_problems(cfg: Config) -> list[str]:
                      "non-empty lists of the same length (one entry per stage).")
         if any(x < 1 for x in m.coatnet_depths + m.coatnet_dims):
             p.append("model.coatnet_depths and model.coatnet_dims must contain only positive integers.")
+    if m.name == "resnet" and (len(m.resnet_depths) != len(m.resnet_widths) or not m.resnet_depths
+                               or any(x < 1 for x in m.resnet_depths + m.resnet_widths)):
+        p.append(f"model.resnet_depths ({m.resnet_depths}) and model.resnet_widths ({m.resnet_widths}) must be "
+                 "non-empty lists of positive integers of the same length (one entry per stage).")
 
     # model <-> data
     if m.name in IMAGE_MODELS and d.name not in IMAGE_DATASETS:
@@ -274,6 +302,17 @@ def _cross_problems(cfg: Config) -> list[str]:
     if t.stop_after is not None and t.stop_after > t.steps:
         p.append(f"train.stop_after ({t.stop_after}) is greater than train.steps ({t.steps}): set stop_after to at "
                  f"most {t.steps}, or raise steps.")
+    if t.target is not None and t.eval_every == 0:
+        p.append(f"train.target={t.target} is checked at evaluations, and train.eval_every=0 never evaluates: "
+                 "set train.eval_every (e.g. 50).")
+    if t.batch_ramp is not None:
+        start, inc, samples = t.batch_ramp
+        if not (1 <= start <= t.global_batch and inc >= 1 and samples >= 0) or (t.global_batch - start) % inc:
+            p.append(f"train.batch_ramp={start},{inc},{samples} must have 1 <= START <= train.global_batch "
+                     f"({t.global_batch}), INCREMENT >= 1 dividing global_batch - START, and SAMPLES >= 0.")
+        if par.pp > 1:
+            p.append("train.batch_ramp with parallel.pp > 1: a pipeline schedule is built for a fixed number of "
+                     "micro-batches; use the ramp with pp=1.")
     if t.profile_steps is not None and not 1 <= t.profile_steps[0] <= t.profile_steps[1]:
         p.append(f"train.profile_steps ({t.profile_steps[0]},{t.profile_steps[1]}) must be two steps A,B with "
                  f"1 <= A <= B, e.g. train.profile_steps=5,7.")

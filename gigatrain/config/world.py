@@ -82,6 +82,10 @@ def resolve_for_world(cfg: Config, world_size: int) -> Config:
                             f"multiple of {per_step}, or change micro_batch/dp.")
         else:
             accum = t.global_batch // per_step
+            if t.batch_ramp is not None and (t.batch_ramp[0] % per_step or t.batch_ramp[1] % per_step):
+                problems.append(f"train.batch_ramp={','.join(map(str, t.batch_ramp))}: START and INCREMENT must be "
+                                f"multiples of train.micro_batch ({t.micro_batch}) x parallel.dp ({dp}) = {per_step}, "
+                                "so that every step's batch splits into whole micro-batches on every rank.")
             if par.pp > 1:
                 if par.pp_microbatches is None:
                     data["parallel"]["pp_microbatches"] = accum

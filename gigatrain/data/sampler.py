@@ -1,7 +1,8 @@
 """Distributed sampling that depends only on the seed and the global batch, and a prefetching loader.
 
 The sample stream is the concatenation of per-epoch permutations of the dataset; optimizer step
-``s`` consumes stream positions ``[s*GB, (s+1)*GB)``. Data parallel rank ``r`` of ``dp`` takes the
+``s`` consumes stream positions ``[s*GB, (s+1)*GB)`` (with a ``BatchRamp``, the positions after
+the samples of the steps before it, which the ramp gives in closed form). Data parallel rank ``r`` of ``dp`` takes the
 contiguous slice ``[r*GB/dp, (r+1)*GB/dp)`` of that global batch and cuts it into micro-batches in
 order. So every layout sees the same global batch at every step, and any step can be computed
 directly, which makes resuming exact.
@@ -17,7 +18,51 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["GlobalBatchSampler", "BatchLoader", "epoch_seed"]
+__all__ = ["BatchRamp", "GlobalBatchSampler", "BatchLoader", "epoch_seed"]
+
+
+class BatchRamp:
+    """Megatron's batch-size ramp-up: the global batch starts at ``start`` and grows by
+    ``increment`` in equal steps of samples until it reaches ``global_batch`` once ``samples``
+    samples have been consumed: while fewer than ``samples`` are consumed, the batch of a step is
+    ``start + increment * floor(consumed / (samples / n))``, ``n = (global_batch - start) /
+    increment``. Everything is a function of the step, so a resumed run computes it directly."""
+
+    def __init__(self, start: int, increment: int, samples: int, global_batch: int):
+        if not (1 <= start <= global_batch and increment >= 1 and samples >= 0):
+            raise ValueError(f"batch ramp {start},{increment},{samples} must have 1 <= START <= global_batch "
+                             f"({global_batch}), INCREMENT >= 1 and SAMPLES >= 0")
+        if (global_batch - start) % increment:
+            raise ValueError(f"batch ramp: global_batch - START ({global_batch} - {start}) must be a multiple of "
+                             f"INCREMENT ({increment})")
+        self.start, self.increment, self.samples, self.global_batch = start, increment, samples, global_batch
+        n = (global_batch - start) // increment
+        self._per_increment = samples / n if n else 0.0
+        # (first step, first sample) of every ramp step, until the full batch is reached.
+        self._sizes: list[int] = []
+        consumed = 0
+        while n and consumed < samples:
+            size = min(global_batch, start + increment * int(consumed // self._per_increment))
+            if size == global_batch:
+                break
+            self._sizes.append(size)
+            consumed += size
+        self._ramp_samples = consumed
+
+    @property
+    def ramp_steps(self) -> int:
+        """Steps taken before the batch is full."""
+        return len(self._sizes)
+
+    def size(self, step: int) -> int:
+        """Global batch of optimizer ``step`` (0-based)."""
+        return self._sizes[step] if step < len(self._sizes) else self.global_batch
+
+    def offset(self, step: int) -> int:
+        """Samples consumed before ``step``."""
+        if step <= len(self._sizes):
+            return sum(self._sizes[:step])
+        return self._ramp_samples + (step - len(self._sizes)) * self.global_batch
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -38,7 +83,8 @@ class GlobalBatchSampler:
             ``torch.Generator`` seeded with ``epoch_seed(seed, e)``.
     """
 
-    def __init__(self, num_samples: int, global_batch: int, seed: int = 0, *, cache_epochs: int = 2):
+    def __init__(self, num_samples: int, global_batch: int, seed: int = 0, *, cache_epochs: int = 2,
+                 ramp: BatchRamp | None = None):
         if num_samples < 1:
             raise ValueError(f"the dataset is empty (num_samples={num_samples}); nothing to sample")
         if global_batch < 1:
@@ -46,6 +92,7 @@ class GlobalBatchSampler:
         self.num_samples = int(num_samples)
         self.global_batch = int(global_batch)
         self.seed = int(seed)
+        self.ramp = ramp
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._cache_epochs = max(1, cache_epochs)
         self._lock = threading.Lock()  # loader threads share the permutation cache
@@ -70,12 +117,20 @@ class GlobalBatchSampler:
                 self._cache.move_to_end(epoch)
             return perm
 
+    def batch_size(self, step: int) -> int:
+        """Global batch of ``step``: ``global_batch``, or the ramp's size."""
+        return self.ramp.size(step) if self.ramp is not None else self.global_batch
+
+    def batch_offset(self, step: int) -> int:
+        """Samples consumed before ``step`` (its first position in the sample stream)."""
+        return self.ramp.offset(step) if self.ramp is not None else step * self.global_batch
+
     def indices_for_step(self, step: int) -> torch.Tensor:
-        """Dataset indices of the global batch of optimizer ``step`` (int64 ``[global_batch]``)."""
+        """Dataset indices of the global batch of optimizer ``step`` (int64 ``[batch_size(step)]``)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        n, start = self.num_samples, step * self.global_batch
-        end = start + self.global_batch
+        n, start = self.num_samples, self.batch_offset(step)
+        end = start + self.batch_size(step)
         parts = []
         pos = start
         while pos < end:
@@ -89,11 +144,12 @@ class GlobalBatchSampler:
         """This data-parallel rank's contiguous share of ``indices_for_step(step)``."""
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"bad data-parallel rank {dp_rank} of {dp_size}")
-        if self.global_batch % dp_size != 0:
+        batch = self.batch_size(step)
+        if batch % dp_size != 0:
             raise ValueError(
-                f"global_batch ({self.global_batch}) must be divisible by the data-parallel size ({dp_size})"
+                f"the global batch of step {step} ({batch}) must be divisible by the data-parallel size ({dp_size})"
             )
-        per_rank = self.global_batch // dp_size
+        per_rank = batch // dp_size
         return self.indices_for_step(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
 
     def local_microbatches(self, step: int, dp_rank: int, dp_size: int, micro_batch: int) -> list[torch.Tensor]:
@@ -107,7 +163,7 @@ class GlobalBatchSampler:
         local = self.local_indices(step, dp_rank, dp_size)
         if local.numel() % micro_batch != 0:
             raise ValueError(
-                f"the per-rank batch (global_batch {self.global_batch} / dp {dp_size} = {local.numel()}) "
+                f"the per-rank batch (global batch {self.batch_size(step)} / dp {dp_size} = {local.numel()}) "
                 f"must be divisible by micro_batch ({micro_batch})"
             )
         return list(local.split(micro_batch))

@@ -10,21 +10,23 @@ import torch.nn as nn
 
 from .coatnet import CoAtNet
 from .gpt import GPT
+from .resnet import ResNet
 from .vit import ViT
 
-__all__ = ["MODEL_NAMES", "build_model", "GPT", "ViT", "CoAtNet"]
+__all__ = ["MODEL_NAMES", "build_model", "GPT", "ViT", "CoAtNet", "ResNet"]
 
-MODEL_NAMES = ("gpt", "vit", "coatnet")
+MODEL_NAMES = ("gpt", "vit", "coatnet", "resnet")
 
 
 def build_model(mcfg: Any, vocab_size: int | None = None) -> nn.Module:
-    """Build the model named by ``mcfg.name`` ("gpt" | "vit" | "coatnet").
+    """Build the model named by ``mcfg.name`` ("gpt" | "vit" | "coatnet" | "resnet").
 
     ``mcfg`` is any object with the attributes below (missing ones take the default shown):
     n_layer=4, n_head=4, d_model=128, seq_len=128, dropout=0.0, init_std=0.02, bias=True,
     vocab_multiple=64 (GPT); image_size=28, in_chans=1, num_classes=10, patch_size=4 (ViT);
     coatnet_depths=[1,2,2,1], coatnet_dims=[32,64,128,256], coatnet_layout="CCTT",
-    coatnet_stem_dim=None, coatnet_stem_stride=None (CoAtNet).
+    coatnet_stem_dim=None, coatnet_stem_stride=None (CoAtNet); resnet_widths=[32,64,128],
+    resnet_depths=[1,1,1] (ResNet).
 
     ``vocab_size`` is required for GPT (from the dataset's tokenizer); when None, ``mcfg.vocab_size``
     is used if present.
@@ -73,5 +75,13 @@ def build_model(mcfg: Any, vocab_size: int | None = None) -> nn.Module:
             layout=str(g("coatnet_layout", "CCTT")),
             dropout=dropout,
             init_std=init_std,
+        )
+    if name == "resnet":
+        return ResNet(
+            image_size=int(g("image_size", 28)),
+            in_chans=int(g("in_chans", 1)),
+            num_classes=int(g("num_classes", 10)),
+            widths=list(g("resnet_widths", [32, 64, 128])),
+            depths=list(g("resnet_depths", [1, 1, 1])),
         )
     raise ValueError(f"unknown model name {name!r}; choose one of {', '.join(MODEL_NAMES)}")
