@@ -171,6 +171,7 @@ def _train(cfg, args, argv: list[str]) -> int:
         cfg, auto_args = _auto_layout(cfg, args, env, world)
     resolved = resolve_for_world(cfg, world)
     check_supported(resolved)
+    _check_compile(resolved)
     if not worker:
         _memory_check(resolved, env, world)
     if not worker and cfg.out is None:
@@ -241,6 +242,21 @@ def _memory_check(resolved, env, world: int) -> None:
     line = check_memory(resolved, world, device, gpus_per_node=local)
     if line and env.rank == 0:
         print(f"gigatrain: {line}", flush=True)
+
+
+def _check_compile(cfg) -> None:
+    """Before launch: ``train.compile`` on a machine that cannot compile is a ``ConfigError``
+    (on the CPU inductor needs a C++ compiler), not a failure of every rank at its first step."""
+    if cfg.train.compile == "none":
+        return
+    import torch
+
+    from .config import ConfigError
+    from .parallel.compile import compile_problem
+
+    problem = compile_problem(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if problem:
+        raise ConfigError(problem)
 
 
 def _choose_out(cfg, config_path: str | None, env):

@@ -20,6 +20,18 @@ def test_compile_policy_and_refusals():
     assert apply_compile(m, CompilePolicy("none")) is m and "forward" not in vars(m[0])
 
 
+@pytest.mark.rung0
+def test_no_compiler_is_refused_before_launch(monkeypatch, tmp_path, capsys):
+    import shutil
+
+    from gigatrain.cli import main
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code = main(["train", "train.compile=default", "nproc=1", "model.n_layer=1", "model.d_model=16",
+                 "model.n_head=2", "train.steps=1", f"out={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "C++ compiler" in err and "train.compile=none" in err and "Traceback" not in err
+
+
 def _run(tmp, tag, *extra):
     from gigatrain.trainer import train
     return train(tiny(tmp, "train.steps=6", f"out={tmp}/{tag}", *extra), quiet=True).losses
