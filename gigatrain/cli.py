@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
                           "train.sample_tokens=0", "resume=null"]
         cfg = load_config(path, overrides)
         if args.cmd == "config":
-
             print(cfg.to_yaml())
             return 0
         if args.cmd == "data":
