@@ -29,7 +29,7 @@ def _synthetic(lr: float) -> float:
     return 3.0 - math.tanh(2.0 * (x + 3.0)) + (50.0 * (x + 1.5) ** 2 if x > -1.5 else 0.0)
 
 
-def test_suggestion_is_the_steepest_descent_and_the_sweep_stops_on_explosion():
+def test_suggestion_is_the_middle_of_steepest_descent_and_minimum_and_the_sweep_stops_on_explosion():
     sweep = LRSweep(min_lr=1e-6, max_lr=10.0, steps=200)
     for step in range(sweep.steps):
         lr = sweep.lr(step)
@@ -39,7 +39,12 @@ def test_suggestion_is_the_steepest_descent_and_the_sweep_stops_on_explosion():
     s = smooth(sweep.losses, sweep.beta)
     assert s[-1] > 4 * min(s) and all(v <= 4 * min(s[:i + 1]) for i, v in enumerate(s[:-1]))
     # The EMA lags by ~1/20 of the sweep (0.35 decades here): the true steepest point is 1e-3.
-    assert 1e-3 <= sweep.suggestion() <= 1e-3 * 10 ** 0.5
+    steep, low = sweep.steepest_lr(), sweep.min_loss_lr()
+    assert 1e-3 <= steep <= 1e-3 * 10 ** 0.5
+    # The smoothed minimum: the loss is lowest just before the explosion past 3e-2.
+    assert 1e-2 <= low <= 10 ** -1.5 * 10 ** 0.5
+    assert sweep.suggestion() == pytest.approx(math.sqrt(steep * low), rel=1e-12)
+    assert steep < sweep.suggestion() < low
     # Too short to tell: no suggestion rather than a guess.
     assert suggest_lr([1e-4, 1e-3, 1e-2], [3.0, 2.0, 5.0]) is None
     with pytest.raises(ValueError):
@@ -61,6 +66,7 @@ def test_lr_find_command_writes_plot_record_and_suggestion(tmp_path, capsys):
     # Adam at lr 1e3 blows the model up: the sweep ends early, on the 4x rule.
     assert rec["stopped_early"] and len(rec["lrs"]) < 40
     assert rec["suggested_lr"] is not None and 1e-4 < rec["suggested_lr"] < rec["lrs"][-1]
-    assert "steepest descent" in rec["rule"] and f"train.lr={rec['suggested_lr']:.3g}" in said
+    assert "steepest descent" in rec["rule"] and "geometric mean" in rec["rule"]
+    assert rec["suggested_lr"] == pytest.approx(math.sqrt(rec["steepest_lr"] * rec["min_loss_lr"])) and f"train.lr={rec['suggested_lr']:.3g}" in said
     assert not (out / "checkpoints").exists()      # an experiment: nothing to resume from
     assert main(["lr-find", *BASE, "--steps", "5", "--out", str(tmp_path / "x")]) == 2
