@@ -360,6 +360,12 @@ def test_out_of_range(override, needle):
     (["train.micro_batch=64"], ["train.micro_batch (64)", "train.global_batch (32)"]),
     (["parallel.offload=cpu"], ["parallel.offload=cpu", "parallel.zero"]),
     (["parallel.pp_virtual=2"], ["parallel.pp_virtual=2", "interleaved"]),
+    (["train.optimizer=onebit_adam", "parallel.zero=2"], ["train.optimizer=onebit_adam with parallel.zero=2",
+                                                          "whole gradient", "parallel.zero=1"]),
+    (["train.optimizer=onebit_adam", "parallel.zero=3"], ["parallel.zero=3", "stages 2 and 3"]),
+    (["train.optimizer=onebit_adam", "parallel.zero=1", "parallel.offload=cpu"], ["parallel.offload=cpu",
+                                                                                  "offload=none"]),
+    (["train.optimizer=onebit_adam", "parallel.tp=2"], ["parallel.tp=2", "tp=1"]),
     (["parallel.pp=2", "parallel.pp_schedule=interleaved"], ["parallel.pp_virtual >= 2"]),
     (["parallel.pp=2", "parallel.pp_balance=[1,1,2]"], ["parallel.pp_balance has 3 entries", "2 stages"]),
     (["parallel.pp=2", "parallel.pp_balance=[1,2]"], ["sums to 3", "model.n_layer"]),
@@ -375,6 +381,11 @@ def test_inconsistent_combinations(overrides, needles):
     msg = bad_override(*overrides)
     for needle in needles:
         assert needle in msg
+
+
+def test_onebit_adam_with_zero1_is_accepted():
+    cfg = load_config(None, ["train.optimizer=onebit_adam", "parallel.zero=1"])
+    assert (cfg.train.optimizer, cfg.parallel.zero) == ("onebit_adam", 1)
 
 
 def test_all_problems_in_one_paragraph():

@@ -68,7 +68,7 @@ class TrainConfig(_Section):
     global_batch: int = Field(16, ge=1, description="Samples per optimizer step over all data-parallel ranks; must be a multiple of `train.micro_batch` x `parallel.dp`.")
     micro_batch: int = Field(8, ge=1, description="Samples per forward/backward on one rank; gradients are accumulated over `grad_accum` micro-batches.")
     seed: int = Field(1234, description="Seed for initialisation and data order (which never depend on the layout).")
-    optimizer: Literal["adamw", "sgd", "lamb", "onebit_adam"] = Field("adamw", description="Optimizer: `adamw`, `sgd`, `lamb` (You et al.: Adam with bias correction and decoupled weight decay, each parameter's step scaled by the trust ratio ||w|| / ||update||; exact under every ZeRO stage and CPU offload), or `onebit_adam` (Tang et al.: AdamW for `train.onebit_warmup` steps, then the variance frozen and the momentum averaged as one bit per element with error feedback, ~1/32 of the gradient all-reduce's bytes; data parallel, zero=0).")
+    optimizer: Literal["adamw", "sgd", "lamb", "onebit_adam"] = Field("adamw", description="Optimizer: `adamw`, `sgd`, `lamb` (You et al.: Adam with bias correction and decoupled weight decay, each parameter's step scaled by the trust ratio ||w|| / ||update||; exact under every ZeRO stage and CPU offload), or `onebit_adam` (Tang et al.: AdamW for `train.onebit_warmup` steps, then the variance frozen and the momentum averaged as one bit per element with error feedback, ~1/32 of the gradient all-reduce's bytes; parallel.zero=0, or 1: ZeRO-1 holds only its shard of the optimizer states during the warm-up and hands over to data parallel when compression starts, taking the same steps as zero=0).")
     onebit_warmup: int = Field(100, ge=1, description="1-bit Adam: steps of plain AdamW (gradients all-reduced) before the variance is frozen and communication is compressed.")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final learning rate of the decay as a fraction of `train.lr`.")
@@ -330,10 +330,20 @@ def _cross_problems(cfg: Config) -> list[str]:
     if t.optimizer == "lamb" and par.offload == "nvme":
         p.append("train.optimizer=lamb with parallel.offload=nvme: the NVMe optimizer streams AdamW and SGD "
                  "updates only; use offload=cpu (or none) with lamb.")
-    if t.optimizer == "onebit_adam" and (par.zero > 0 or par.tp > 1):
-        p.append(f"train.optimizer=onebit_adam with parallel.zero={par.zero} and parallel.tp={par.tp}: 1-bit Adam "
-                 "compresses the data-parallel momentum of a model every rank holds whole; use parallel.zero=0 "
-                 "and tp=1 with it (ZeRO would still all-gather the fp32 parameters every step), or adamw.")
+    if t.optimizer == "onebit_adam" and par.zero > 1:
+        p.append(f"train.optimizer=onebit_adam with parallel.zero={par.zero}: after its warm-up 1-bit Adam updates "
+                 "every parameter on every rank from each rank's own whole gradient and the compressed momentum "
+                 "(all-gathering fp32 parameters instead would undo the compression), and ZeRO stages 2 and 3 "
+                 "exist not to hold whole gradients or parameters; use parallel.zero=1 (sharded optimizer "
+                 "states during the warm-up) or 0.")
+    if t.optimizer == "onebit_adam" and par.zero == 1 and par.offload != "none":
+        p.append(f"train.optimizer=onebit_adam with parallel.offload={par.offload}: after its warm-up 1-bit Adam "
+                 "updates every parameter on every rank's device, so nothing stays offloaded; use "
+                 "parallel.offload=none with it.")
+    if t.optimizer == "onebit_adam" and par.tp > 1:
+        p.append(f"train.optimizer=onebit_adam with parallel.tp={par.tp}: 1-bit Adam compresses the data-parallel "
+                 "momentum of parameters every dp rank holds whole, not yet of tensor-parallel shards; use tp=1 "
+                 "with it, or adamw.")
     if t.optimizer == "lamb" and par.tp > 1:
         p.append(f"train.optimizer=lamb with parallel.tp={par.tp}: LAMB's trust ratio needs the norm of each whole "
                  "parameter, which is not yet summed over tensor-parallel shards; use adamw or sgd with tp > 1.")

@@ -51,7 +51,8 @@ def build_optimizer(tcfg, groups: list[dict], device: torch.device) -> torch.opt
     if tcfg.optimizer == "onebit_adam":
         from .onebit import OneBitAdam
 
-        # The data-parallel group its compressed all-reduce runs over (plain data parallel).
+        # The data-parallel group its compressed all-reduce runs over (plain data parallel; ZeRO-1's
+        # shard pieces carry none: over them it is AdamW until the hand-over to data parallel).
         for g, given in zip(groups, given_groups):
             g["dp_comm"] = given.get("dp_comm")
         return OneBitAdam(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=1e-8, warmup=tcfg.onebit_warmup)

@@ -13,6 +13,10 @@ Adam's variance becomes stable early in training. So:
 
 During compression the gradient strategy must not average gradients (``local_gradients``
 says when): the momentum is what travels, at ~1/32 of the bytes of an fp32 all-reduce.
+``local_gradients_after`` (the warm-up) tells a sharded strategy when that starts: ZeRO-1 runs
+the warm-up over its shards (this optimizer over flat shard pieces, without ``dp_comm``, is then
+plain AdamW) and hands over to data parallel at its end (``parallel.handover``), so the
+compressed steps are the same code, and the same numbers, under zero=0 and zero=1.
 
 ``CompressedAllReduce`` (the two phases of DeepSpeed's compressed all-reduce, on our ``Comm``):
 the vector is padded to ``N`` chunks (a multiple of 8 elements each); worker ``i`` adds its error
@@ -118,6 +122,12 @@ class OneBitAdam(torch.optim.Optimizer):
     def steps_done(self) -> int:
         """Steps taken, from the state (so a loaded checkpoint continues in the right stage)."""
         return max((int(st["step"]) for st in self.state.values() if "step" in st), default=0)
+
+    @property
+    def local_gradients_after(self) -> int:
+        """Steps after which every step wants each rank's own gradient of the whole parameters on
+        every rank of dp (the warm-up), for strategies that shard until then."""
+        return self.warmup
 
     @property
     def local_gradients(self) -> bool:

@@ -19,7 +19,9 @@ One optimizer step, as the engine runs it::
     zero_grad()
 
 ``build_grad_strategy`` picks the implementation: ``data_parallel.Stage0Strategy`` (stage 0),
-``zero.stage12.ZeroStrategy`` (stages 1, 2) or ``zero.stage3.Stage3Strategy`` (stage 3).
+``zero.stage12.ZeroStrategy`` (stages 1, 2) or ``zero.stage3.Stage3Strategy`` (stage 3); with an
+optimizer that averages over dp itself after a warm-up (1-bit Adam), stage 1 hands over to stage 0
+at the end of the warm-up (``handover.HandOver``).
 """
 from __future__ import annotations
 
@@ -175,16 +177,40 @@ def build_grad_strategy(zero: int, model: nn.Module, mesh: Mesh, optimizer_facto
 
         if stage_options:
             raise ValueError(f"ZeRO stage {zero} takes no options {sorted(stage_options)}")
-        return ZeroStrategy(model, mesh, optimizer_factory, stage=zero, bucket_mb=bucket_mb,
-                            precision=precision, offload=offload, offload_dir=offload_dir,
-                            pipeline=pipeline if zero == 2 else None)
+        strategy = ZeroStrategy(model, mesh, optimizer_factory, stage=zero, bucket_mb=bucket_mb,
+                                precision=precision, offload=offload, offload_dir=offload_dir,
+                                pipeline=pipeline if zero == 2 else None)
+        return _local_gradients_policy(strategy, zero, model, mesh, optimizer_factory, bucket_mb, precision)
     if zero == 3:
         from .zero.stage3 import Stage3Strategy
 
-        return Stage3Strategy(model, mesh, optimizer_factory, bucket_mb=bucket_mb, precision=precision,
-                              offload=offload, offload_dir=offload_dir, pipeline=pipeline, initial=initial,
-                              **stage_options)
+        strategy = Stage3Strategy(model, mesh, optimizer_factory, bucket_mb=bucket_mb, precision=precision,
+                                  offload=offload, offload_dir=offload_dir, pipeline=pipeline, initial=initial,
+                                  **stage_options)
+        return _local_gradients_policy(strategy, zero, model, mesh, optimizer_factory, bucket_mb, precision)
     raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero!r}")
+
+
+def _local_gradients_policy(strategy: GradStrategy, zero: int, model: nn.Module, mesh: Mesh,
+                            optimizer_factory: OptimizerFactory, bucket_mb: float,
+                            precision: PrecisionPolicy) -> GradStrategy:
+    """``strategy`` itself, or, when its optimizer averages over dp itself from each rank's own
+    gradients after a warm-up (``local_gradients_after``: 1-bit Adam), ZeRO-1 for the warm-up
+    handing over to data parallel for the rest (``handover.HandOver``). Stages 2 and 3 are refused:
+    from then on every rank needs its whole gradient and whole parameters, which they exist not
+    to hold."""
+    if getattr(strategy.optimizer, "local_gradients_after", None) is None or mesh.dp.size == 1:
+        return strategy
+    if zero != 1:
+        strategy.close()
+        raise ValueError(f"{type(strategy.optimizer).__name__} with ZeRO stage {zero}: after its warm-up it "
+                         "updates every element on every rank from each rank's own whole gradient, which "
+                         "stages 2 and 3 exist not to hold; use ZeRO stage 0 or 1")
+    from .data_parallel import Stage0Strategy
+    from .handover import HandOver
+
+    return HandOver(strategy, lambda: Stage0Strategy(model, mesh, optimizer_factory, bucket_mb=bucket_mb,
+                                                     precision=precision))
 
 
 def apply_data_parallel(owned: nn.Module, mesh: Mesh, zero: ZeroPolicy, offload: OffloadPolicy, *,
