@@ -290,3 +290,104 @@ def test_sequence_parallel_traffic_is_what_the_engine_sends():
     # forward: 2 gathers + 2 reduce-scatters; backward: the same, 2 gathers of the inputs the
     # column-parallel layers did not keep, and 6 small all-reduces of sequence-shard gradients
     assert sp.tp_comm == pytest.approx(4 * (ag + rs) + 2 * ag + 6 * collective_time("all_reduce", h * 4, 4, dev, False))
+
+
+# -- fixed costs per block, micro-batch and pipeline action ----------------------------------------
+def test_fit_fixed_recovers_action_fixed_and_slope():
+    from gigatrain.planner.calibrate import fit_fixed
+
+    # t = action + blocks * (fixed + slope * predicted) on the grid calibrate measures
+    pts = [(k, v, 2e-4 + k * (3e-3 + 1.3 * v)) for k in (1, 2) for v in (0.004, 0.008, 0.016, 0.032)]
+    assert fit_fixed(pts) == pytest.approx((2e-4, 3e-3, 1.3), rel=1e-6)
+    # no fixed cost at all: nothing invented, and a would-be negative term is dropped, not kept
+    pts = [(k, v, k * 1.1 * v) for k in (1, 2) for v in (0.004, 0.008, 0.016, 0.032)]
+    action, fixed, slope = fit_fixed(pts)
+    assert action == pytest.approx(0.0, abs=1e-9) and fixed == pytest.approx(0.0, abs=1e-9)
+    assert slope == pytest.approx(1.1)
+
+
+def test_calibrate_fixed_fits_against_the_cost_model():
+    from dataclasses import replace
+
+    from gigatrain.planner.calibrate import calibrate_fixed
+    from gigatrain.planner.cost import block_times
+
+    dev = replace(PRESETS["cpu"], block_fixed_f=0.0, block_fixed_b=0.0, action_overhead=0.0)
+    job = Job(ModelSpec("gpt", 1, 256, 8, 128, 256), 8, param_bytes=4)
+    rows = []
+    for k in (1, 2):
+        for b in (1, 2, 4, 8):
+            bt = block_times(job, Layout(1, 1, 1, micro_batch=b), dev)
+            # synthetic timings: 1 ms forward and 2 ms backward per block, 0.1 ms per call
+            rows.append((k, b, 1e-4 + k * (1e-3 + bt.f), 2e-4 + k * (3e-3 + bt.f + bt.b + bt.w)))
+    fitted = calibrate_fixed(dev, rows)
+    assert fitted.block_fixed_f == pytest.approx(1e-3, rel=1e-4)
+    assert fitted.block_fixed_b == pytest.approx(2e-3, rel=1e-4)
+    assert fitted.action_overhead == pytest.approx(1e-4, rel=1e-3)
+    # ranks sharing the cores: every fixed cost scales with the time each rank takes
+    doubled = calibrate_fixed(dev, rows, scale=2.0)
+    assert doubled.block_fixed_f == pytest.approx(2e-3, rel=1e-4)
+
+
+def test_small_micro_batches_pay_the_fixed_cost_more_often():
+    from dataclasses import replace
+
+    base = replace(PRESETS["cpu"], block_fixed_f=0.0, block_fixed_b=0.0, action_overhead=0.0)
+    ff, fb, act = 1e-3, 2e-3, 5e-4
+    dev = replace(base, block_fixed_f=ff, block_fixed_b=fb, action_overhead=act)
+    job = Job(SMALL, 16, param_bytes=4)
+    L = SMALL.n_layer
+    for mb in (1, 4):
+        lay = Layout(dp=1, pp=1, tp=1, micro_batch=mb)
+        M = 16 // mb
+        extra = step_time(job, lay, dev).compute - step_time(job, lay, base).compute
+        # every block and micro-batch once forward, once backward; the embedding and head one
+        # block's worth; a forward and a backward call per micro-batch
+        assert extra == pytest.approx(M * ((L + 1) * (ff + fb) + 2 * act))
+    # full recomputation repeats the forward's fixed cost
+    rc = Layout(dp=1, pp=1, tp=1, micro_batch=4, recompute="full")
+    extra_rc = step_time(job, rc, dev).compute - step_time(job, rc, base).compute
+    assert extra_rc == pytest.approx(4 * ((L + 1) * (ff + fb) + L * ff + 2 * act))
+    # a pipeline pays the per-action overhead once per compute action: zero bubble splits W off
+    for kind, actions in (("1f1b", 2), ("zb", 3)):
+        lay = Layout(dp=1, pp=2, tp=1, micro_batch=2, schedule=kind)
+        extra = step_time(job, lay, dev).compute - step_time(job, lay, base).compute
+        assert extra == pytest.approx(8 * (L // 2 * (ff + fb) + actions * act) + 8 * 3 * (ff + fb) / 4)
+    # the ranking follows: micro-batch 1 costs more than 4 by the fixed costs of 12 more passes
+    t1 = step_time(job, Layout(1, 1, 1, micro_batch=1), dev).total - step_time(job, Layout(1, 1, 1, micro_batch=1), base).total
+    t4 = step_time(job, Layout(1, 1, 1, micro_batch=4), dev).total - step_time(job, Layout(1, 1, 1, micro_batch=4), base).total
+    assert t1 == pytest.approx(4 * t4)
+
+
+def test_old_device_files_load_with_default_fixed_costs(tmp_path):
+    import dataclasses
+
+    from gigatrain.planner.presets import Device
+
+    d = json.loads(PRESETS["h100-80g"].to_json())
+    for k in ("block_fixed_f", "block_fixed_b", "action_overhead"):
+        d.pop(k)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(d))
+    dev = get_device(str(path))
+    defaults = {f.name: f.default for f in dataclasses.fields(Device)}
+    assert dev.block_fixed_f == defaults["block_fixed_f"] and dev.action_overhead == defaults["action_overhead"]
+    assert 0 < dev.block_fixed_f < 1e-4  # launch-level on a GPU: tens of microseconds per block
+
+
+@pytest.mark.parametrize("kind,pp,M,V", [("1f1b", 2, 1, 1), ("1f1b", 4, 8, 1), ("gpipe", 4, 2, 1), ("zb", 4, 8, 1),
+                                         ("zb", 2, 3, 1), ("interleaved", 2, 4, 2)])
+def test_ranks_sharing_cores_lend_the_bubble(kind, pp, M, V):
+    b, w = (1.0, 1.0) if kind == "zb" else (2.0, 0.0)
+    alone = pl._replay(kind, pp, M, V, b, w, 0.1)
+    assert pl._replay_shared(kind, pp, M, V, b, w, 0.1, 1.0) == pytest.approx(alone)
+    busy = M * V * (1.0 + b + w)
+    for share in (0.5, 0.25):
+        shared = pl._replay_shared(kind, pp, M, V, b, w, 0.1, share)
+        # the cores do every rank's work, and no rank runs faster than a whole core
+        assert max(busy, share * pl._replay(kind, pp, M, V, b, w, 0.1 / share)) - 1e-9 <= shared <= alone + 1e-9
+        assert pl.makespan_lower_bound(kind, pp, M, V, b, w, 0.1, share) <= \
+            pl.makespan_units(kind, pp, M, V, b, w, 0.1, share) + 1e-9
+    # one micro-batch through two stages: one rank works at a time, at a whole core's speed
+    if (kind, pp, M) == ("1f1b", 2, 1):
+        assert pl._replay_shared(kind, pp, M, V, b, w, 0.0, 0.5) == pytest.approx(busy)

@@ -5,16 +5,22 @@ with the threads one of ``ranks`` local processes gets, and the memory bandwidth
 both scaled by each rank's share of the cores on a CPU with fewer cores than ranks; all-reduce,
 all-gather, reduce-scatter and point-to-point times of ``ranks`` local gloo processes at several
 sizes, fitted to the alpha-beta model (latency per ring step, bandwidth), all ops together and
-each op alone (``Device.collective_fits``). Every time is the fastest of several windows, the
-one least disturbed by other processes (what ``timeit`` recommends on a shared machine). The
-file holds measured rates, so its ``link_eff`` is 1.
+each op alone (``Device.collective_fits``); and the fixed costs (``measure_blocks``,
+``fit_fixed``): a real transformer block, and a chunk of two, run forward and forward+backward
+at four micro-batch sizes, and the times fitted against the cost model's own prediction for
+that work, ``t = action + blocks * (block_fixed + slope * predicted)``: what is left at zero
+work is the per-block cost of dispatching its operators and the per-call overhead of a chunk.
+Every time is the fastest of several windows, the one least disturbed by other processes (what
+``timeit`` recommends on a shared machine). The file holds measured rates, so its
+``link_eff`` is 1.
 """
 from __future__ import annotations
 
 import os
 import time
 
-__all__ = ["calibrate", "measure_matmul", "matmul_envelope", "fit_alpha_beta"]
+__all__ = ["calibrate", "measure_matmul", "matmul_envelope", "fit_alpha_beta", "measure_blocks", "fit_fixed",
+           "calibrate_fixed"]
 
 _SIZES_BYTES = (4 << 10, 256 << 10, 4 << 20, 16 << 20)
 
@@ -134,6 +140,94 @@ def fit_alpha_beta(points: list[tuple[float, float, float]]) -> tuple[float, flo
     return alpha, 1.0 / inv_bw
 
 
+# The block the fixed costs are measured on: small enough that its fixed cost is a visible part
+# of its time at micro-batch 1, as it is in the models where it matters.
+_FIXED_BLOCK = dict(d_model=256, n_head=8, seq=128)
+_FIXED_MICRO = (1, 2, 4, 8)
+_FIXED_CHUNKS = (1, 2)
+
+
+def measure_blocks(device: str = "cpu", dtype=None, micro=_FIXED_MICRO, chunks=_FIXED_CHUNKS,
+                   d_model: int = _FIXED_BLOCK["d_model"], n_head: int = _FIXED_BLOCK["n_head"],
+                   seq: int = _FIXED_BLOCK["seq"]) -> list[tuple[int, int, float, float]]:
+    """(blocks per chunk, micro-batch, forward s, forward+backward s) of a chunk of gigatrain's
+    GPT blocks (``models.gpt.Block``), its input requiring a gradient as a pipeline stage's
+    does; each the fastest of 5 windows."""
+    import torch
+    from torch import nn
+
+    from ..models.gpt import Block
+
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    out = []
+    for k in chunks:
+        chunk = nn.Sequential(*[Block(d_model, n_head, causal=True) for _ in range(k)]).to(device=device, dtype=dtype)
+        for b in micro:
+            x = torch.randn(b, seq, d_model, device=device, dtype=dtype, requires_grad=True)
+            g = torch.randn(b, seq, d_model, device=device, dtype=dtype)
+
+            def fwd():
+                chunk(x)
+
+            def fwd_bwd():
+                torch.autograd.backward(chunk(x), grad_tensors=g)
+
+            tf = _timeit(fwd, min_s=0.03, sync=sync, windows=5)
+            tfb = _timeit(fwd_bwd, min_s=0.03, sync=sync, windows=5)
+            out.append((k, b, tf, tfb))
+        del chunk
+    return out
+
+
+def fit_fixed(points: list[tuple[int, float, float]]) -> tuple[float, float, float]:
+    """Least squares of ``t = action + blocks * (fixed + slope * predicted)`` over (blocks per
+    call, the cost model's seconds per block without fixed costs, measured seconds per call)
+    points, in relative error; returns (action, fixed, slope). A coefficient the fit makes
+    negative (noise on a cost near zero) is set to 0 and the others refitted."""
+    import numpy as np
+
+    def solve(cols):
+        A = np.array([[c(k, v) / t for c in cols] for k, v, t in points], dtype=float)
+        coef, *_ = np.linalg.lstsq(A, np.ones(len(points)), rcond=None)
+        return [float(x) for x in coef]
+
+    terms = {"action": lambda k, v: 1.0, "fixed": lambda k, v: float(k), "slope": lambda k, v: k * v}
+    names = list(terms)
+    while True:
+        coef = dict(zip(names, solve([terms[n] for n in names])))
+        neg = [n for n in names if n != "slope" and coef[n] < 0]
+        if not neg:
+            break
+        names.remove(min(neg, key=lambda n: coef[n]))
+    return coef.get("action", 0.0), coef.get("fixed", 0.0), max(coef["slope"], 0.0)
+
+
+def calibrate_fixed(dev, measured=None, device: str = "cpu", scale: float = 1.0):
+    """``dev`` with its fixed costs fitted (``fit_fixed``) from ``measured`` (``measure_blocks``'
+    rows; measured now when None) against ``dev``'s own prediction of the same work, every time
+    multiplied by ``scale`` (the ranks' share of the cores, as for the matmul rates)."""
+    from dataclasses import replace
+
+    from .cost import block_times
+    from .memory import Job, Layout, ModelSpec
+
+    measured = measure_blocks(device) if measured is None else measured
+    base = replace(dev, block_fixed_f=0.0, block_fixed_b=0.0, action_overhead=0.0)
+    spec = ModelSpec("gpt", 1, _FIXED_BLOCK["d_model"], _FIXED_BLOCK["n_head"], _FIXED_BLOCK["seq"], 256)
+    job = Job(spec, 8, param_bytes=2 if dev.dtype == "bf16" else 4)
+    fwd, both = [], []
+    for k, b, tf, tfb in measured:
+        bt = block_times(job, Layout(1, 1, 1, micro_batch=b), base)
+        fwd.append((k, bt.f, tf * scale))
+        both.append((k, bt.f + bt.b + bt.w, tfb * scale))
+    act_f, fix_f, _ = fit_fixed(fwd)
+    act_fb, fix_fb, _ = fit_fixed(both)
+    return replace(dev, block_fixed_f=fix_f, block_fixed_b=max(fix_fb - fix_f, 0.0),
+                   action_overhead=act_fb / 2)
+
+
 def calibrate(ranks: int = 2, name: str | None = None, sizes_bytes=_SIZES_BYTES):
     """Measure this machine as one node of ``ranks`` devices; returns a ``presets.Device``."""
     import socket
@@ -153,9 +247,11 @@ def calibrate(ranks: int = 2, name: str | None = None, sizes_bytes=_SIZES_BYTES)
     try:
         table = measure_matmul(dev, sizes=sizes)
         mem_bw = _mem_bw(dev)
+        blocks = measure_blocks(dev)
     finally:
         torch.set_num_threads(threads)
     table = matmul_envelope(table)
+    share = 1.0
     if not cuda and ranks > cores:
         # Busy ranks share the cores: each computes at its share of one core's rate.
         share = cores / ranks
@@ -182,13 +278,14 @@ def calibrate(ranks: int = 2, name: str | None = None, sizes_bytes=_SIZES_BYTES)
     else:
         mem, flops, dtype = host / ranks, max(r for _, r in table) * 1.2, "fp32"
         runtime, margin = PRESETS["cpu"].runtime_bytes, 0.0
-    return Device(name=name or f"calibrated-{socket.gethostname()}", flops=flops, dtype=dtype, mem_bytes=mem,
+    dev0 = Device(name=name or f"calibrated-{socket.gethostname()}", flops=flops, dtype=dtype, mem_bytes=mem,
                   mem_bw=mem_bw, intra_bw=bw, inter_bw=bw, intra_alpha=alpha, inter_alpha=alpha, link_eff=1.0,
                   matmul_table=tuple(table), host_mem_bytes=host / ranks, pcie_bw=mem_bw,
                   cpu_adam_rate=PRESETS["cpu"].cpu_adam_rate, runtime_bytes=runtime, alloc_margin=margin,
-                  gpus_per_node=ranks, comm_overlap=cuda, collective_fits=tuple(fits),
+                  gpus_per_node=ranks, comm_overlap=cuda, collective_fits=tuple(fits), core_share=share,
                   source=f"measured by gigatrain plan --calibrate on {socket.gethostname()}, {ranks} gloo ranks, "
                          f"{time.strftime('%Y-%m-%d')}")
+    return calibrate_fixed(dev0, blocks, dev, scale=1.0 / share)
 
 
 def _mem_total() -> float:

@@ -13,6 +13,16 @@
   six small all-reduces of the gradients of parameters that saw a sequence shard); they sit on
   the critical path. Full recomputation repeats the forward, its all-reduces included; selective
   recomputation repeats the attention core.
+- Ranks that share cores (``Device.core_share`` < 1, a CPU calibrated with more ranks than
+  cores): a pipeline's waiting ranks lend their cores to the busy ones, which the replay
+  follows (``pipeline._replay_shared``: while ``n`` of ``pp`` ranks compute, each runs
+  ``min(1 / core_share, pp / n)`` times its all-busy rate), so the fill and drain cost less.
+- Fixed costs (``Device.block_fixed_f``/``_b``, ``Device.action_overhead``, calibrated on a
+  real block): each block pays its forward and backward fixed cost once per micro-batch (its
+  forward again under full recomputation), the embedding and head together one block's, and
+  every call of a chunk (a pipeline compute action; without a pipeline, each micro-batch's
+  forward and backward) the per-action overhead. So small micro-batches and many small
+  pipeline chunks cost what they cost on a device where operators are short.
 - Pipeline: ``pipeline.makespan_units`` replays the schedule with the predicted chunk costs and
   hand-off time; the first and last stages also run the embedding and the head, which the other
   stages wait for once per micro-batch.
@@ -138,14 +148,19 @@ def block_times(job: Job, lay: Layout, device) -> BlockTimes:
             tp_f, tp_b = 2 * (ag + rs), 2 * (ag + rs) + 2 * ag + small
         else:
             tp_f = tp_b = 2 * collective_time("all_reduce", nbytes, t, device, inter)
-    f = gemm + attn + elem + tp_f
-    b = gemm + 2 * attn + 2 * elem + tp_b
+    # Fixed costs per block and micro-batch (operator dispatch, kernel launches): the backward's
+    # is split between the input- and weight-gradient parts as their work is.
+    b_var, w_var = gemm + 2 * attn + 2 * elem, gemm
+    fixed_b = device.block_fixed_b
+    f = gemm + attn + elem + tp_f + device.block_fixed_f
+    b = b_var + tp_b + fixed_b * b_var / (b_var + w_var)
+    w = w_var + fixed_b * w_var / (b_var + w_var)
     if lay.recompute == "full":
         b += f
     elif lay.recompute == "selective":
         b += attn
     tp_total = tp_f + tp_b + (tp_f if lay.recompute == "full" else 0.0)
-    return BlockTimes(f=f, b=b, w=gemm, tp_comm=tp_total)
+    return BlockTimes(f=f, b=b, w=w, tp_comm=tp_total)
 
 
 def _ends(job: Job, lay: Layout, device) -> tuple[float, float, float]:
@@ -168,7 +183,10 @@ def _ends(job: Job, lay: Layout, device) -> tuple[float, float, float]:
         patch_flops = 2 * tokens * m.stem_extra
         stem = 3 * _gemm_time(device, patch_flops)
         head = 3 * _gemm_time(device, 2 * lay.micro_batch * m.d_model * m.vocab)
-    return stem + comm / 2, head + comm / 2, comm
+    # The embedding and the head with its loss run about as many operators as one block: one
+    # block's fixed cost, a quarter of it the stem's.
+    fixed = device.block_fixed_f + device.block_fixed_b
+    return stem + fixed / 4 + comm / 2, head + 3 * fixed / 4 + comm / 2, comm
 
 
 @dataclass
@@ -210,25 +228,31 @@ def step_time(job: Job, lay: Layout, device, bt: BlockTimes | None = None, bound
     sizes = stage_sizes(m.n_layer, n_stages)
     chunk = max(sizes)
     p2p = 0.0
+    act = device.action_overhead
     if lay.pp == 1:
-        busy = M * (m.n_layer * (bt.f + bt.b + bt.w) + stem + head)
+        # Without a pipeline each micro-batch is one forward and one backward call.
+        busy = M * (m.n_layer * (bt.f + bt.b + bt.w) + stem + head + 2 * act)
         span = busy
         tp_comm = M * (m.n_layer * bt.tp_comm + ends_comm)
         # What data-parallel communication can hide behind (nothing where it needs the cores).
         last_bwd = m.n_layer * (bt.b + bt.w) if device.comm_overlap else 0.0
     else:
-        fc, bc, wc = chunk * bt.f, chunk * bt.b, chunk * bt.w
+        # Every compute action (F, B, and W where the schedule splits it off) pays the per-call
+        # overhead once, whatever the chunk's size.
+        fc, bc = chunk * bt.f + act, chunk * bt.b + act
+        wc = chunk * bt.w + (act if lay.schedule == "zb" else 0.0)
         tokens = m.seq * lay.micro_batch
         hop_inter = _inter(lay.tp * lay.pp, device)
         hop = collective_time("p2p", tokens * m.d_model * e / (lay.tp if lay.sp else 1), 2, device, hop_inter)
         span_of = makespan_lower_bound if bound else makespan_units
-        units = span_of(lay.schedule, lay.pp, M, lay.virtual, bc / fc, wc / fc, hop / fc)
+        share = device.core_share
+        units = span_of(lay.schedule, lay.pp, M, lay.virtual, bc / fc, wc / fc, hop / fc, share)
         extra = max(stem, head)
         span = units * fc + M * extra
         busy = M * lay.virtual * (fc + bc + wc) + M * extra
         # Hand-offs exposed: what the same schedule loses against free hand-offs.
         if not bound:
-            free = free_makespan_units(lay.schedule, lay.pp, M, lay.virtual, bc / fc, wc / fc)
+            free = free_makespan_units(lay.schedule, lay.pp, M, lay.virtual, bc / fc, wc / fc, share)
             p2p = max(0.0, (units - free) * fc)
         tp_comm = M * (lay.virtual * chunk * bt.tp_comm + ends_comm)
         last_bwd = 0.0

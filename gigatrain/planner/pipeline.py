@@ -158,6 +158,78 @@ def _replay(kind: str, pp: int, M: int, V: int, fb: float, fw: float, comm: floa
     return max(clock)
 
 
+def _quantize_share(share: float) -> float:
+    return 1.0 if share >= 1.0 else round(max(share, 0.01), 2)
+
+
+@lru_cache(maxsize=16384)
+def _replay_shared(kind: str, pp: int, M: int, V: int, fb: float, fw: float, comm: float, share: float) -> float:
+    """``_replay`` on ranks that share cores: each rank's costs are its time when every rank
+    computes (a ``share`` of a core each); while only ``n`` of the ``pp`` ranks compute, each
+    runs ``min(1 / share, pp / n)`` times as fast (the cores are divided among the ranks that
+    have work; the other parallel dimensions are in the same phase, so they scale alike)."""
+    codes, _ = _order(kind, pp, M, V)
+    n_stages, last = pp * V, pp * V - 1
+    end_f = [[None] * M for _ in range(n_stages)]
+    end_b = [[None] * M for _ in range(n_stages)]
+    cost = (1.0, fb, fw)
+    pos = [0] * pp
+    left = [None] * pp  # remaining work of the running action (None: idle)
+    now = 0.0
+    eps = 1e-12
+
+    def ready_at(r):
+        """When rank r's next action may start (None: a dependency has not ended)."""
+        k, s, m = codes[r][pos[r]]
+        if k == 0:
+            if s == 0:
+                return now
+            d = end_f[s - 1][m]
+            return None if d is None else d + comm
+        if k == 1:
+            d = end_f[s][m]
+            if s < last:
+                d2 = end_b[s + 1][m]
+                if d2 is None:
+                    return None
+                d = max(d, d2 + comm)
+            return d
+        return end_b[s][m]
+
+    while True:
+        nxt = []
+        for r in range(pp):
+            if left[r] is None and pos[r] < len(codes[r]):
+                t = ready_at(r)
+                if t is not None and t <= now + eps:
+                    left[r] = cost[codes[r][pos[r]][0]]
+                elif t is not None:
+                    nxt.append(t)
+        active = [r for r in range(pp) if left[r] is not None]
+        if not active:
+            if nxt:
+                now = min(nxt)
+                continue
+            if any(pos[r] < len(codes[r]) for r in range(pp)):  # pragma: no cover
+                raise RuntimeError(f"{kind} pp={pp} M={M} V={V}: compute orders wait on each other")
+            return now
+        speed = min(1.0 / share, pp / len(active))
+        dt = min(left[r] for r in active) / speed
+        if nxt:
+            dt = min(dt, min(nxt) - now)
+        now += dt
+        for r in active:
+            left[r] -= dt * speed
+            if left[r] <= eps:
+                k, s, m = codes[r][pos[r]]
+                if k == 0:
+                    end_f[s][m] = now
+                elif k == 1:
+                    end_b[s][m] = now
+                left[r] = None
+                pos[r] += 1
+
+
 def _quantized(kind: str, b: float, w: float, comm: float) -> tuple[float, float, float]:
     has_w = kind == "zb"
     # Hand-off ratios are coarser (1, 2, 5 per decade): they move the makespan far less than
@@ -175,7 +247,7 @@ def _rescale(kind: str, b: float, w: float, fb: float, fw: float) -> float:
 
 
 def makespan_lower_bound(kind: str, pp: int, M: int, V: int = 1, b: float = 2.0, w: float = 0.0,
-                         comm: float = 0.0) -> float:
+                         comm: float = 0.0, share: float = 1.0) -> float:
     """A lower bound of ``makespan_units`` (same arguments) without replaying: every schedule
     keeps its last rank idle while the first micro-batch crosses the ``pp - 1`` stages before
     it; schedules without W actions also pay the fill and drain ``(pp - 1)(1 + b)`` of Megatron's
@@ -187,32 +259,46 @@ def makespan_lower_bound(kind: str, pp: int, M: int, V: int = 1, b: float = 2.0,
     bound = busy + (pp - 1) * (1.0 + comm)
     if kind in ("1f1b", "gpipe", "interleaved"):
         bound = max(bound, (M * V + pp - 1) * (1.0 + fb))
+    share = _quantize_share(share)
+    if share < 1.0:
+        # No rank runs faster than a whole core, and the cores do all the ranks' work.
+        bound = max(busy, share * bound)
     return bound * _rescale(kind, b, w, fb, fw)
 
 
-def free_makespan_units(kind: str, pp: int, M: int, V: int = 1, b: float = 2.0, w: float = 0.0) -> float:
-    """``makespan_units`` with free hand-offs. For schedules without W actions this is Megatron's
-    ``(M V + pp - 1)(1 + b + w)`` exactly (the tests hold it against the replay), so only the
-    zero-bubble schedules are replayed."""
-    if kind in ("1f1b", "gpipe", "interleaved"):
+def free_makespan_units(kind: str, pp: int, M: int, V: int = 1, b: float = 2.0, w: float = 0.0,
+                        share: float = 1.0) -> float:
+    """``makespan_units`` with free hand-offs. For schedules without W actions on ranks of their
+    own this is Megatron's ``(M V + pp - 1)(1 + b + w)`` exactly (the tests hold it against the
+    replay), so only the zero-bubble schedules are replayed."""
+    if kind in ("1f1b", "gpipe", "interleaved") and (pp == 1 or _quantize_share(share) >= 1.0):
         return (M * V if pp == 1 else M * V + pp - 1) * (1.0 + b + w)
-    return makespan_units(kind, pp, M, V, b, w, 0.0)
+    return makespan_units(kind, pp, M, V, b, w, 0.0, share)
 
 
 def makespan_units(kind: str, pp: int, M: int, V: int = 1, b: float = 2.0, w: float = 0.0,
-                   comm: float = 0.0) -> float:
+                   comm: float = 0.0, share: float = 1.0) -> float:
     """Step time of ``kind`` in units of one chunk-forward, with backward ``b`` and weight
     gradient ``w`` (schedules without W actions run ``b + w`` as their backward) and a hand-off
     latency ``comm`` between ranks. The replay runs on ratios rounded by ``quantize_ratio`` (for
-    the cache) and its result is scaled back to the true work per micro-batch."""
+    the cache) and its result is scaled back to the true work per micro-batch. ``share`` < 1:
+    the ranks share cores, each getting ``share`` of one while all compute
+    (``_replay_shared``)."""
     fb, fw, comm = _quantized(kind, b, w, comm)
     if pp == 1:
         return M * V * (1.0 + b + w)
+    share = _quantize_share(share)
+    if share < 1.0:
+        def replay(m):
+            return _replay_shared(kind, pp, m, V, fb, fw, comm, share)
+    else:
+        def replay(m):
+            return _replay(kind, pp, m, V, fb, fw, comm)
     cap = _cap(pp)
     if M <= cap + pp:
-        units = _replay(kind, pp, M, V, fb, fw, comm)
+        units = replay(M)
     else:
-        m1 = _replay(kind, pp, cap, V, fb, fw, comm)
-        m2 = _replay(kind, pp, cap + pp, V, fb, fw, comm)
+        m1 = replay(cap)
+        m2 = replay(cap + pp)
         units = m2 + (M - cap - pp) * (m2 - m1) / pp
     return units * _rescale(kind, b, w, fb, fw)

@@ -42,6 +42,16 @@ class Device:
     - ``collective_fits``: measured ``(op, alpha, bw)`` per collective inside a node (from
       ``--calibrate``), used instead of the intra-node link for that op: backends implement the
       collectives differently (gloo's reduce-scatter costs about an all-reduce, not half of one).
+    - ``core_share``: the fraction of a core each rank's rates assume (1 for a device of its
+      own; ``cores / ranks`` when ``--calibrate`` runs more ranks than a CPU has cores): ranks
+      that wait lend their cores to the others, which then run up to ``1 / core_share`` faster.
+    - fixed costs, seconds that do not scale with the work: ``block_fixed_f`` and
+      ``block_fixed_b`` per transformer block and micro-batch in forward and in backward
+      (operator dispatch and kernel launches, the time a block takes beyond its FLOPs and bytes),
+      and ``action_overhead`` per call of a chunk (one pipeline compute action, or one forward
+      or backward of a micro-batch without a pipeline: the module call, autograd's entry,
+      posting its messages). ``--calibrate`` measures them on a real block (``calibrate.fit_fixed``);
+      the GPU presets carry the launch-level defaults below.
     """
 
     name: str
@@ -66,6 +76,13 @@ class Device:
     gpus_per_node: int = 8
     comm_overlap: bool = True
     collective_fits: tuple = ()
+    # Defaults, the GPU presets' (not measured): a block runs ~20 operators forward and ~40
+    # backward, about a microsecond of launch each that the work already queued does not hide;
+    # a chunk's call costs about as much again in Python and autograd.
+    core_share: float = 1.0
+    block_fixed_f: float = 20e-6
+    block_fixed_b: float = 40e-6
+    action_overhead: float = 20e-6
     source: str = ""
 
     def matmul_rate(self, flops: float) -> float:
@@ -124,11 +141,14 @@ PRESETS: dict[str, Device] = {
     # `gigatrain plan --calibrate` (docs/benchmarks.md, Planner; the matmul table as its
     # monotone envelope, see ``calibrate.matmul_envelope``); memory is the VM's 23 GiB shared by
     # the two ranks. gloo's reductions and copies take the cores the compute uses: no overlap.
+    # Fixed costs of one thread on a core (2026-12-01 calibration, its 4-rank figures halved):
+    # 0.25 ms per block forward, 0.87 ms backward, 0.07 ms per call.
     "cpu": Device("cpu", flops=160e9, dtype="fp32", mem_bytes=11.7 * GiB, mem_bw=13e9,
                   intra_bw=0.47e9, inter_bw=0.47e9, intra_alpha=0.7e-3, inter_alpha=0.7e-3, link_eff=1.0,
                   matmul_table=((5.2e5, 40e9), (4.2e6, 48e9), (3.4e7, 52e9), (2.7e8, 52e9), (2.1e9, 52e9)),
                   host_mem_bytes=11.7 * GiB, pcie_bw=13e9, cpu_adam_rate=0.15e9, nvme_bw=0.5e9,
                   runtime_bytes=0.45 * GiB, alloc_margin=0.0, gpus_per_node=2, comm_overlap=False,
+                  block_fixed_f=0.25e-3, block_fixed_b=0.87e-3, action_overhead=0.07e-3,
                   source="2-core Xeon VM (AVX-512), 1 thread per rank, measured"),
 }
 
