@@ -284,3 +284,33 @@ def test_timeline_plot_and_measured_bubble(tmp_path):
     zb = simulate(build_schedule("zb", 4, 8), Costs(1, 1, 1))
     plot_timeline(zb.records, tmp_path / "zb.png", "ZB-H1, pp=4, M=8 (simulated)")
     assert (tmp_path / "zb.png").stat().st_size > 10_000
+
+
+def test_posting_overheads_delay_the_poster_only():
+    """LogP's o: naive pp2, one micro-batch, F=1 B=2. Rank 0 posts SEND_F+RECV_B as one batch
+    after F, rank 1 posts RECV_F at 0 and SEND_B after B, so a send overhead o lies twice on
+    the critical path (6 + 2o) and a receive overhead once (rank 0's batch: 6 + o); compute is
+    unchanged and the posting time counts as idle."""
+    sched = build_schedule("naive", 2, 1)
+    base = simulate(sched, Costs(1, 2))
+    assert base.makespan == 6.0
+    o = 0.25
+    send = simulate(sched, Costs(1, 2, send_overhead=o))
+    recv = simulate(sched, Costs(1, 2, recv_overhead=o))
+    assert send.makespan == pytest.approx(6 + 2 * o) and recv.makespan == pytest.approx(6 + o)
+    assert send.busy == base.busy == [3.0, 3.0]
+    assert send.bubble_fraction == pytest.approx(1 - 6 / (2 * (6 + 2 * o)))
+    # The latency still adds on top, once per message on the path.
+    both = simulate(sched, Costs(1, 2, comm=0.1, send_overhead=o))
+    assert both.makespan == pytest.approx(6 + 2 * o + 2 * 0.1)
+
+
+def test_replayed_action_durations_override_the_per_stage_costs():
+    sched = build_schedule("1f1b", 2, 4)
+    base = simulate(sched, Costs(1, 2, comm=0.1))
+    same = {(a.kind, a.stage, a.mb): (1.0 if a.kind == "F" else 2.0) for lst in sched for a in lst if a.is_compute}
+    assert simulate(sched, Costs(comm=0.1, actions=same)).makespan == pytest.approx(base.makespan)
+    # One slow backward on the last stage delays everything after it by its excess.
+    slow = dict(same)
+    slow[("B", 1, 3)] = 3.0
+    assert simulate(sched, Costs(comm=0.1, actions=slow)).makespan == pytest.approx(base.makespan + 1.0)

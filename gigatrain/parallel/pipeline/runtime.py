@@ -7,8 +7,12 @@ once per ``step``. The runtime decides nothing: order, batching and placement of
 from the schedule (see ``schedules`` for the semantics it implements).
 
 - Messages: consecutive SEND/RECV actions are posted as one batch of non-blocking messages
-  through the pp group's ``Comm`` (passed explicitly), which counts and records them. A received tensor is waited for by the compute action that reads
-  it; sends are waited for at the end of the step.
+  through the pp group's ``Comm`` (passed explicitly), which counts and records them. A received
+  tensor is waited for by the compute action that reads it. Receives are posted ahead of their
+  place in the schedule (the next ``RECV_AHEAD`` not yet consumed, in the schedule's order, so
+  matching is unchanged): a receive posted only when the schedule reaches it, after the compute
+  before it, lets the transfer start late, which on gloo puts it on the critical path. Sends are
+  released as they complete (their buffers with them) and waited for at the end of the step.
 - Shapes: the first message across each stage boundary is preceded by a small header (ndim,
   dtype, shape); both sides cache it, later steps send the tensor alone. Every step must
   therefore use the same micro-batch shapes (``reset_shapes`` renegotiates on all ranks).
@@ -257,6 +261,9 @@ class PipelineRuntime:
         self._split = {s: SplitBackward(c) for s, c in self.by_stage.items()} if self.split_backward else {}
         self._in_meta: dict[int, tuple] = {}   # stage -> (shape, dtype) of its input
         self._sent_meta: dict[int, tuple] = {}  # stage -> (shape, dtype) announced for its output
+        self._out_meta: dict[int, tuple] = {}   # stage -> (shape, dtype) of its output (its gradient's)
+        self._recvs = [a for a in schedule[self.rank] if isinstance(a, (RECV_F, RECV_B))]
+        self._recv_index = {a: k for k, a in enumerate(self._recvs)}
         # The device of this rank's own stages (other stages of the model may stay on the CPU).
         p0 = next(iter(self.parameters()), None)
         self.device = device if device is not None else p0.device if p0 is not None else torch.device("cpu")
@@ -290,6 +297,7 @@ class PipelineRuntime:
         every pp rank at the same step."""
         self._in_meta.clear()
         self._sent_meta.clear()
+        self._out_meta.clear()
 
     def step(self, microbatches: Sequence) -> float:
         """Run forward and backward of ``M`` micro-batches ``[(inputs, targets), ...]`` through
@@ -303,13 +311,14 @@ class PipelineRuntime:
         self._fwd_in: dict[tuple[int, int], object] = {}
         self._bwd_in: dict[tuple[int, int], object] = {}
         self._saved: dict[tuple[int, int], tuple] = {}
-        self._out_meta: dict[int, tuple] = {}
         self._outbox: dict[tuple[str, int, int], torch.Tensor] = {}
         self._sends: list = []
         self._loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._next_recv = 0
         acts, i = self.actions, 0
         while i < len(acts):
             if acts[i].is_compute:
+                self._post_ahead()
                 self._compute(acts[i])
                 i += 1
                 continue
@@ -483,12 +492,40 @@ class PipelineRuntime:
         for idx, pend in pendings:
             pend.work = works[len(sends) + idx]
 
+    RECV_AHEAD = 2   # receives posted and not yet consumed, at most, before the schedule needs them
+
+    def _post_ahead(self) -> None:
+        """Release completed sends; post the next receives early, in the schedule's order, while
+        fewer than ``RECV_AHEAD`` are waiting to be consumed and their shapes are known (after
+        the first step). Stops at the first it cannot post, so the order never changes."""
+        if self._sends:
+            done = [w for w in self._sends if w.is_completed()]
+            for w in done:
+                w.wait()
+            if done:
+                self._sends = [w for w in self._sends if not w.is_completed()]
+        batch = []
+        waiting = len(self._fwd_in) + len(self._bwd_in)
+        k = self._next_recv
+        while k < len(self._recvs) and waiting + len(batch) < self.RECV_AHEAD:
+            a = self._recvs[k]
+            if (a.stage not in self._in_meta) if isinstance(a, RECV_F) else (a.stage not in self._out_meta):
+                break
+            batch.append(a)
+            k += 1
+        if batch:
+            self._post(batch)
+
     def _post(self, batch: Sequence[Action]) -> None:
         sends: list = []
         recvs: list = []
         pendings: list = []
         for a in batch:
             peer = stage_rank(a.peer, self.pp)
+            if isinstance(a, (RECV_F, RECV_B)):
+                if self._recv_index[a] < self._next_recv:
+                    continue                    # posted ahead already
+                self._next_recv = self._recv_index[a] + 1
             if isinstance(a, (SEND_F, SEND_B)):
                 t = self._outbox.pop((a.direction, a.stage, a.mb))
                 if isinstance(a, SEND_F):

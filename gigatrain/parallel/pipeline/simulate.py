@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 from .schedules import (
     B, F, W, Action, RECV_B, RECV_F, SEND_F, ScheduleError, _deps, stage_rank,
@@ -35,12 +35,21 @@ class Costs:
     schedule without W actions runs the full backward as its B, costing ``b + w``; a zero-bubble
     schedule pays ``b`` for B and ``w`` for W. ``comm`` is the latency of one message: it
     completes ``comm`` after both its send and its receive have been started.
+    ``send_overhead`` and ``recv_overhead`` are the host time a rank spends posting one send or
+    one receive (LogP's *o*, where ``comm`` is its *L*): the rank computes nothing meanwhile, and
+    a batch of messages starts once all of them are posted. On a GPU they are microseconds; on
+    CPU ranks (gloo copies a send on the calling thread) a fraction of a millisecond.
+    ``actions`` optionally gives single compute actions their own duration, keyed by
+    ``(kind, stage, mb)`` (replaying a measured step, jitter included); the rest cost as above.
     """
 
     f: PerStage = 1.0
     b: PerStage = 2.0
     w: PerStage = 0.0
     comm: float = 0.0
+    send_overhead: float = 0.0
+    recv_overhead: float = 0.0
+    actions: Mapping[tuple[str, int, int], float] | None = None
 
     def of(self, kind: str, stage: int, split_backward: bool) -> float:
         def pick(v):
@@ -222,6 +231,7 @@ def simulate(schedules: Sequence[Sequence[Action]], costs: Costs | None = None) 
                             raise ScheduleError(f"rank {r}: {a!r} is posted before its producer {producer[0]}({a.stage}, {a.mb}) ran")
                     else:
                         recv_done[a.message] = op
+                clock[r] += sum(costs.send_overhead if op.action.is_send else costs.recv_overhead for op in it.ops)
                 it.post = clock[r]
                 pos[r] += 1
                 moved = True
@@ -243,7 +253,8 @@ def simulate(schedules: Sequence[Sequence[Action]], costs: Costs | None = None) 
                     if op.done is None:
                         return moved
                     ready = max(ready, op.done)
-            cost = costs.of(a.kind, a.stage, has_w)
+            cost = costs.actions.get((a.kind, a.stage, a.mb)) if costs.actions else None
+            cost = costs.of(a.kind, a.stage, has_w) if cost is None else cost
             records.append(Record(r, a, ready, ready + cost))
             busy[r] += cost
             clock[r] = ready + cost
