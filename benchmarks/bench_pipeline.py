@@ -4,8 +4,9 @@ our runtime vs torch.distributed.pipelining on the same model and split.
 For every schedule we run a few timed steps of a small GPT, keep per-action timings of the last
 one, and
 - measure the bubble (idle share of the ranks' compute capacity over the step);
-- feed the measured per-stage F / B / W durations and a measured message latency to the
-  simulator, and report its predicted bubble and step time next to the measured ones;
+- feed the measured per-stage F / B / W durations, a measured message latency and the measured
+  host time of posting a send and a receive (LogP's L and o, from a probe before the schedules
+  run) to the simulator, and report its predicted bubble and step time next to the measured ones;
 - time torch's ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B /
   ScheduleInterleavedZeroBubble on the same stage modules, micro-batches and loss.
 
@@ -73,6 +74,28 @@ def _latency(group, shape, reps=20):
     return statistics.median(times[2:])
 
 
+def _post_overheads(group, shape, reps=20):
+    """Host time to post one non-blocking send and one receive of an activation-sized message
+    (LogP's o, the part of a message's cost the poster pays on its own thread): ranks 0 and 1
+    post to each other in turn, each timing only its own call, then both wait."""
+    rank = dist.get_rank(group)
+    if rank > 1:
+        return 0.0, 0.0
+    peer = dist.get_global_rank(group, 1 - rank)
+    t = torch.zeros(shape)
+    sends, recvs = [], []
+    for i in range(reps + 2):
+        sender = i % 2
+        t0 = time.perf_counter()
+        w = dist.isend(t, peer, group=group) if rank == sender else dist.irecv(t, peer, group=group)
+        dt = time.perf_counter() - t0
+        w.wait()
+        if i >= 2:
+            (sends if rank == sender else recvs).append(dt)
+        dist.barrier(group=group)
+    return statistics.median(sends), statistics.median(recvs)
+
+
 def _stage_costs(records, n_stages):
     """Median measured F / B / W seconds per stage (0 where a kind is absent)."""
     out = {}
@@ -83,6 +106,35 @@ def _stage_costs(records, n_stages):
             per.append(statistics.median(d) if d else 0.0)
         out[kind] = per
     return out
+
+
+def _host_overhead(records, schedule):
+    """Host time per posted message inside the step, measured in situ: on each rank the time
+    between its compute actions that is neither compute nor waiting for a receive (posting
+    messages, the runtime's bookkeeping), over the messages that rank posts."""
+    total, msgs = 0.0, 0
+    for rk, actions in enumerate(schedule):
+        comp = sorted((r for r in records if r.rank == rk and r.action.is_compute), key=lambda r: r.start)
+        if not comp:
+            continue
+        lo, hi = comp[0].start, comp[-1].end
+        gaps = sum(max(0.0, b.start - a.end) for a, b in zip(comp, comp[1:]))
+        waits = sum(r.end - r.start for r in records
+                    if r.rank == rk and not r.action.is_compute and lo <= r.end <= hi)
+        total += max(0.0, gaps - waits)
+        msgs += sum(not a.is_compute for a in actions)
+    return total / msgs if msgs else 0.0
+
+
+def _replay(schedule, records, latency):
+    """The simulator on this very step: every compute action at its own measured duration,
+    messages at the probe's latency, posting at the in-situ host overhead per message."""
+    from gigatrain.parallel.pipeline.simulate import Costs, simulate
+
+    durs = {(r.action.kind, r.action.stage, r.action.mb): r.end - r.start for r in records if r.action.is_compute}
+    o = _host_overhead(records, schedule)
+    sim = simulate(schedule, Costs(comm=latency, send_overhead=o, recv_overhead=o, actions=durs))
+    return sim.bubble_fraction, sim.makespan, o
 
 
 def _timed(group, fn):
@@ -107,7 +159,7 @@ class _Ours:
         self.sched = build_schedule(kind, self.pp, cfg["microbatches"], V)
         self.rt = PipelineRuntime(self.model, uniform(cfg["layers"], self.pp * V), self.sched,
                                   pp_group=group, virtual=V, record=True)
-        self.times, self.bubbles, self.costs = [], [], []
+        self.times, self.bubbles, self.costs, self.recs = [], [], [], []
 
     def step(self, step, keep):
         from gigatrain.parallel.pipeline.runtime import split_microbatches
@@ -124,15 +176,21 @@ class _Ours:
             self.times.append(dt)
             self.bubbles.append(measured_bubble(recs, self.pp))
             self.costs.append(_stage_costs(recs, self.pp * self.V))
+            self.recs.append(recs)
 
-    def result(self, latency):
+    def result(self, latency, overheads=(0.0, 0.0)):
         from gigatrain.parallel.pipeline.simulate import Costs, simulate
 
         S = self.pp * self.V
         med = {k: [statistics.median(c[k][s] for c in self.costs) for s in range(S)] for k in "FBW"}
-        sim = simulate(self.sched, Costs(f=med["F"], b=med["B"], w=med["W"], comm=latency))
+        sim = simulate(self.sched, Costs(f=med["F"], b=med["B"], w=med["W"], comm=latency,
+                                         send_overhead=overheads[0], recv_overhead=overheads[1]))
         sim0 = simulate(self.sched, Costs(f=med["F"], b=med["B"], w=med["W"], comm=0.0))
+        replays = [_replay(self.sched, recs, latency) for recs in self.recs]
         return {
+            "replay_bubble": statistics.median(r[0] for r in replays),
+            "replay_step_s": statistics.median(r[1] for r in replays),
+            "host_overhead_per_message_s": statistics.median(r[2] for r in replays),
             "step_s": statistics.median(self.times), "step_s_min": min(self.times),
             "measured_bubble": statistics.median(self.bubbles),
             "predicted_bubble": sim.bubble_fraction,
@@ -180,6 +238,9 @@ def _worker(rank, world, cfg):
     lat = torch.tensor([cfg["latency"]])
     dist.broadcast(lat, 0, group=group)
     cfg["latency"] = lat.item()
+    o = torch.tensor(_post_overheads(group, (cfg["mb"], cfg["seq"], cfg["d_model"])))
+    dist.all_reduce(o, group=group)
+    cfg["overheads"] = (o / min(2, world)).tolist()
     rows = []
     for label, kind, V, peer in SCHEDULES:
         if cfg["only"] and label not in cfg["only"]:
@@ -195,11 +256,12 @@ def _worker(rank, world, cfg):
         for step in range(cfg["warmup"] + cfg["steps"]):
             for r in runners:
                 r.step(step, keep=step >= cfg["warmup"])
-        row["ours"] = runners[0].result(cfg["latency"])
+        row["ours"] = runners[0].result(cfg["latency"], cfg["overheads"])
         if len(runners) > 1:
             row["torch"] = {"class": peer, **runners[1].result()}
         rows.append(row)
-    return {"latency_s": cfg["latency"], "rows": rows}
+    return {"latency_s": cfg["latency"], "send_overhead_s": cfg["overheads"][0],
+            "recv_overhead_s": cfg["overheads"][1], "rows": rows}
 
 
 def main(argv=None):
@@ -229,10 +291,11 @@ def main(argv=None):
     model = _model(cfg)
     print(f"GPT {args.layers}x{args.d_model}, seq {args.seq}, {sum(p.numel() for p in model.parameters())/1e6:.2f}M params; "
           f"pp={args.world} gloo CPU ranks, 1 thread each; {args.microbatches} micro-batches of {args.mb}; "
-          f"message latency {res['latency_s']*1e3:.3f} ms; median (and min) of {args.steps} steps, "
+          f"message latency {res['latency_s']*1e3:.3f} ms, posting a send {res['send_overhead_s']*1e3:.3f} ms, "
+          f"a receive {res['recv_overhead_s']*1e3:.3f} ms; median (and min) of {args.steps} steps, "
           "ours and torch's alternating step by step")
     hdr = (f"{'schedule':<16} {'ours ms':>8} {'(min)':>6} {'tok/s':>8} {'torch ms':>9} {'(min)':>6} {'torch/ours':>10} "
-           f"{'bubble meas':>11} {'sim':>6} {'sim(0 lat)':>10} {'sim ms':>7}")
+           f"{'bubble meas':>11} {'sim':>6} {'sim(0 lat)':>10} {'sim ms':>7} {'replay':>7} {'o ms':>5}")
     print(hdr)
     print("-" * len(hdr))
     for row in res["rows"]:
@@ -246,7 +309,7 @@ def main(argv=None):
             t["tokens_per_s"] = tokens / t["step_s"]
         print(f"{row['schedule']:<16} {o['step_s']*1e3:8.1f} {o['step_s_min']*1e3:6.1f} {o['tokens_per_s']:8.0f} {t_ms} {ratio} "
               f"{o['measured_bubble']:11.1%} {o['predicted_bubble']:6.1%} {o['predicted_bubble_free_comm']:10.1%} "
-              f"{o['predicted_step_s']*1e3:7.1f}")
+              f"{o['predicted_step_s']*1e3:7.1f} {o['replay_bubble']:7.1%} {o['host_overhead_per_message_s']*1e3:5.2f}")
         if "error" in t:
             print(f"    torch {t['class']}: {t['error']}")
     out = {"config": {**cfg, "world": args.world}, "machine": platform.platform(),
