@@ -10,11 +10,12 @@ and how long each search took.
 
 ``--memory``: predicted vs measured memory per rank for layouts that run on ``--nproc`` gloo
 ranks (data parallel with ZeRO 0-3 and offload, pipelines of 2 stages with 1F1B, GPipe,
-interleaved and zero bubble, tensor parallel 2 with and without sequence parallel, and their
-products; a layout whose degrees do not divide ``--nproc`` is skipped), fp32 AdamW on a small
-GPT. Model states are measured with ``measure_model_state_bytes``; activations as the peak of
-the bytes autograd keeps saved for backward during one step (saved-tensor hooks; parameter
-storages excluded, each storage once).
+interleaved and zero bubble, tensor parallel 2 with and without sequence parallel, selective and
+full recomputation, and their products; a layout whose degrees do not divide ``--nproc`` is
+skipped), fp32 AdamW on a small GPT. Model states are measured with
+``measure_model_state_bytes``; activations as the peak of the bytes autograd keeps saved for
+backward during one step (saved-tensor hooks, and what recomputation stores again in backward;
+parameter storages excluded, each storage once).
 
 ``--time``: predicted vs measured step time of a grid of layouts on ``--nproc`` gloo ranks
 (``TIME_LAYOUTS``, plus the planner's own pick for the job), predicted with ``--gpu FILE.json``
@@ -36,6 +37,7 @@ another layout), since measuring is what takes minutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -110,6 +112,13 @@ LAYOUTS = [  # (label, parallel overrides, micro-batch, micro-batches per step)
     ("tp2 + sequence parallel", {"tp": 2, "sequence_parallel": True}, 8, 1),
     ("tp2 pp2 1f1b", {"tp": 2, "pp": 2}, 4, 4),
     ("tp2+sp zero1", {"tp": 2, "sequence_parallel": True, "zero": 1}, 8, 1),
+    ("dp rc-full", {"recompute": "full"}, 8, 1),
+    ("dp rc-selective", {"recompute": "selective"}, 8, 1),
+    ("pp 1f1b rc-full", {"pp": 2, "recompute": "full"}, 4, 4),
+    ("pp zb rc-selective", {"pp": 2, "pp_schedule": "zb", "recompute": "selective"}, 4, 4),
+    ("pp zb rc-full", {"pp": 2, "pp_schedule": "zb", "recompute": "full"}, 4, 4),
+    ("tp2+sp rc-selective", {"tp": 2, "sequence_parallel": True, "recompute": "selective"}, 8, 1),
+    ("tp2+sp rc-full", {"tp": 2, "sequence_parallel": True, "recompute": "full"}, 8, 1),
 ]
 
 
@@ -136,18 +145,64 @@ class _Saved:
     def unpack(x):
         return x.t if isinstance(x, _Token) else x
 
+    def track(self, t):
+        """Count ``t`` (a tensor recomputation stores for backward) while its Python object lives:
+        the checkpoint keeps it in a dict entry that goes when the node that needs it is done."""
+        import weakref
+
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in self.exclude() or st.nbytes() == 0:
+            return
+        n = self.refs.get(key, (0, st.nbytes()))[0]
+        if n == 0:
+            self.live += st.nbytes()
+            self.peak = max(self.peak, self.live)
+        self.refs[key] = (n + 1, st.nbytes())
+        weakref.finalize(t, _Token.release, self, key)
+
+    @contextlib.contextmanager
+    def recomputation(self):
+        """Also count what recomputation saves in backward (``torch.utils.checkpoint`` stores it
+        through its own saved-tensor hooks, which the outer hooks never see)."""
+        from torch.utils import checkpoint as ckpt
+
+        init = ckpt._recomputation_hook.__init__
+
+        def counting_init(hook, *args, **kwargs):
+            init(hook, *args, **kwargs)
+            pack = hook.pack_hook
+
+            def counted(x):
+                # Detached here, so what the checkpoint stores is this very tensor; counted before
+                # the call, since storing the last one ends the recomputation with an exception.
+                x = x.detach() if x.requires_grad else x
+                self.track(x)
+                return pack(x)
+            hook.pack_hook = counted
+
+        ckpt._recomputation_hook.__init__ = counting_init
+        try:
+            yield
+        finally:
+            ckpt._recomputation_hook.__init__ = init
+
 
 class _Token:
     def __init__(self, owner, key, t):
         self.owner, self.key, self.t = owner, key, t
 
     def __del__(self):
-        n, nbytes = self.owner.refs[self.key]
+        _Token.release(self.owner, self.key)
+
+    @staticmethod
+    def release(owner, key):
+        n, nbytes = owner.refs[key]
         if n == 1:
-            del self.owner.refs[self.key]
-            self.owner.live -= nbytes
+            del owner.refs[key]
+            owner.live -= nbytes
         else:
-            self.owner.refs[self.key] = (n - 1, nbytes)
+            owner.refs[key] = (n - 1, nbytes)
 
 
 def _measure(rank, world, layouts):
@@ -164,13 +219,15 @@ def _measure(rank, world, layouts):
     out = []
     for label, par, mb, M in layouts:
         par = dict(par)
+        recompute = par.pop("recompute", "none")
         pp, tp = par.get("pp", 1), par.get("tp", 1)
         if world % (pp * tp):
             out.append(None)
             continue
         dp = world // (pp * tp)
         cfg = {"parallel": dict(par, dp=dp, pp_balance="uniform", bucket_mb=1.0),
-               "train": {"global_batch": mb * M * dp, "micro_batch": mb, "optimizer": "adamw"},
+               "train": {"global_batch": mb * M * dp, "micro_batch": mb, "optimizer": "adamw",
+                         "recompute": recompute},
                "precision": "fp32", "model": {k: v for k, v in MODEL.items() if k != "vocab"}}
         mcfg = SimpleNamespace(name="gpt", dropout=0.0, **{k: v for k, v in MODEL.items() if k != "vocab"})
         torch.manual_seed(0)
@@ -184,7 +241,7 @@ def _measure(rank, world, layouts):
             return {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
 
         saved = _Saved(params)
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), saved.recomputation():
             engine.train_step(batches, lr=1e-4)
         st = engine.strategy
         states = measure_model_state_bytes(st, st.optimizer, engine.stages.owned, host=st.host_tensors())
@@ -212,7 +269,7 @@ def memory(nproc: int) -> list[dict]:
         dp = nproc // (pp * tp)
         lay = Layout(dp=dp, pp=pp, tp=tp, sp=par.get("sequence_parallel", False), zero=par.get("zero", 0),
                      offload=par.get("offload", "none"), micro_batch=mb, schedule=par.get("pp_schedule", "1f1b"),
-                     virtual=par.get("pp_virtual", 1))
+                     virtual=par.get("pp_virtual", 1), recompute=par.get("recompute", "none"))
         job = Job(spec, mb * M * dp, param_bytes=4, bucket_mb=1.0)
         for r in range(nproc):
             m = measured[r][i]

@@ -112,6 +112,65 @@ def test_memory_orders():
     assert full.activations < one.activations / 5
 
 
+class _LiveSaved:
+    """Peak bytes autograd holds for backward (each storage once, parameters left out), including
+    what ``torch.utils.checkpoint`` stores while it recomputes (through its own hooks)."""
+
+    def __init__(self, params):
+        self.params, self.refs, self.live, self.peak = params, {}, 0, 0
+
+    def count(self, t):
+        import weakref
+        st = t.untyped_storage()
+        key, nbytes = st.data_ptr(), st.nbytes()
+        if key in self.params or nbytes == 0:
+            return t
+        if key not in self.refs:
+            self.refs[key] = 0
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self.refs[key] += 1
+        weakref.finalize(t, self._release, key, nbytes)
+        return t
+
+    def _release(self, key, nbytes):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.live -= nbytes
+
+
+@pytest.mark.parametrize("rc", ["none", "selective", "full"])
+def test_memory_activations_measured_with_recomputation(rc, monkeypatch):
+    """One process (dp1): the planner's activations against the bytes a GPT's step keeps for
+    backward, recomputed ones included (the 4-rank grid is benchmarks/bench_planner.py --memory)."""
+    from types import SimpleNamespace
+    from torch.utils import checkpoint as ckpt
+
+    from gigatrain.parallel.recompute import RecomputePolicy, apply_recompute
+    L, h, a, s, V, b = 2, 64, 4, 32, 128, 4
+    torch.manual_seed(0)
+    model = build_model(SimpleNamespace(name="gpt", dropout=0.0, n_layer=L, d_model=h, n_head=a, seq_len=s),
+                        vocab_size=V)
+    apply_recompute(model, RecomputePolicy(rc))
+    live = _LiveSaved({p.untyped_storage().data_ptr() for p in model.parameters()})
+    init = ckpt._recomputation_hook.__init__
+
+    def counting_init(hook, *args):
+        init(hook, *args)
+        pack = hook.pack_hook
+        # counted before the call: storing the last tensor ends the recomputation by raising
+        hook.pack_hook = lambda x: pack(live.count(x.detach() if x.requires_grad else x))
+    monkeypatch.setattr(ckpt._recomputation_hook, "__init__", counting_init)
+    x, y = model.example_batch(b, torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: live.count(t.detach()), lambda t: t):
+        model.loss(model(x), y).backward()
+    spec = ModelSpec("gpt", L, h, a, s, V, stem_extra=s * h)
+    pred = memory_breakdown(Job(spec, b, param_bytes=4), Layout(1, 1, 1, micro_batch=b, recompute=rc),
+                            get_device("cpu"))
+    assert pred.activations == pytest.approx(live.peak, rel=0.01)
+
+
 # -- schedules ------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,pp,M,V", [("1f1b", 4, 8, 1), ("1f1b", 6, 3, 1), ("zb", 4, 8, 1), ("zb", 3, 7, 1),
                                          ("interleaved", 4, 8, 2), ("zb", 4, 8, 2), ("gpipe", 4, 6, 1)])

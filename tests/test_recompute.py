@@ -80,7 +80,9 @@ def _runs(tmp, tag, *extra):
 
 def _two_ranks(rank, world, tmp):
     return {"zero3": _runs(tmp, "z3", "parallel.zero=3"),
-            "pp2": _runs(tmp, "pp", "parallel.pp=2", "parallel.pp_schedule=1f1b", "train.micro_batch=2")}
+            "pp2": _runs(tmp, "pp", "parallel.pp=2", "parallel.pp_schedule=1f1b", "train.micro_batch=2"),
+            # zero bubble: with whole blocks recomputed, W runs from the stage output (runtime.py)
+            "pp2 zb": _runs(tmp, "zb", "parallel.pp=2", "parallel.pp_schedule=zb", "train.micro_batch=2")}
 
 
 @pytest.mark.rung3

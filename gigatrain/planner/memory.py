@@ -9,8 +9,9 @@ The model is described by ``ModelSpec`` (from the config; no dataset, no tensors
 - activations saved for backward: per block and micro-batch (``block_activation_bytes``), times
   the blocks the schedule keeps in flight at its peak on this rank (``pipeline.live_profile``),
   plus the embedding input on the first stage and the loss's saved log-probabilities on the last;
+  with full recomputation, what backward rebuilds of one block besides the input it kept;
 - communication buckets being reduced, the ZeRO-3 units gathered at once, the largest temporary
-  (gradients of the MLP hidden layer, the logits and their gradient, one recomputed block);
+  (gradients of the MLP hidden layer, the logits and their gradient);
 - ``Device.runtime_bytes`` and an allocator margin of ``Device.alloc_margin`` of the tensors.
 """
 from __future__ import annotations
@@ -290,16 +291,34 @@ def memory_breakdown(job: Job, lay: Layout, device, live=None, rank: int | None 
     # logits, their fp32 copy (low precision only) and the gradient coexist with them.
     if spec.name == "gpt":
         logits = tokens * spec.vocab / t
-        head_saved = 4 * logits + tokens * spec.d_model * e * 2 / (t if lay.sp else 1)
+        loss_saved = 4 * logits
+        head_saved = loss_saved + tokens * spec.d_model * e * 2 / (t if lay.sp else 1)
         head_temp = logits * (e + (4 if e < 4 else 0) + 4)
         stem_saved = 8 * tokens
     else:
-        head_saved = b * spec.d_model * e * 2 + b * spec.vocab * 4
+        loss_saved = b * spec.vocab * 4
+        head_saved = b * spec.d_model * e * 2 + loss_saved
         head_temp = b * spec.vocab * 8
         stem_saved = tokens * spec.d_model * e
     mlp_temp = 2 * tokens * 4 * spec.d_model * e / t
-    recompute_temp = full_act if lay.recompute == "full" else (
-        tokens * spec.n_head * spec.seq * e / t if lay.recompute == "selective" and spec.dropout > 0 else 0.0)
+    # Zero bubble splits backward: B keeps the stage's graph (retain_graph) for W, so nothing a
+    # micro-batch saved is freed before W, except the loss's log-probabilities on the last stage
+    # when W goes module by module (the loss's graph hangs on the loss alone, dropped after B);
+    # with whole blocks recomputed, W runs from the loss again and keeps it (pipeline/runtime.py).
+    split = lay.pp > 1 and lay.schedule == "zb"
+    keeps_loss = not split or lay.recompute == "full"
+    # Full recomputation rebuilds one block's saved tensors at a time in backward, around the input
+    # it kept (so that input is not new). The first block recomputed is the chunk's last; on the
+    # last stage the head's saved tensors of that micro-batch are freed by then, unless B keeps them.
+    recompute_extra = full_act - block_act if lay.recompute == "full" else 0.0
+    recompute_freed = 0.0 if split else head_saved
+    # Selective recomputation of a fused attention core stores its output and log-sum-exp again;
+    # after backward has passed the block's MLP and freed more (10 h per token), unless B keeps
+    # that too. An unfused core (dropout) rebuilds its probabilities, counted as a temporary.
+    if lay.recompute == "selective" and split and spec.flash and spec.dropout == 0:
+        recompute_extra = tokens * (spec.d_model * e + 4 * spec.n_head) / t
+    recompute_temp = (tokens * spec.n_head * spec.seq * e / t
+                      if lay.recompute == "selective" and spec.dropout > 0 else 0.0)
     optimizer_offload = "cpu" if lay.offload in ("cpu", "nvme") else "none"
     best = None
     if rank is not None and rank not in (0, lay.pp - 1):
@@ -314,7 +333,11 @@ def memory_breakdown(job: Job, lay: Layout, device, live=None, rank: int | None 
         if rank == 0:
             acts += live.first_stage * stem_saved
         if rank == lay.pp - 1:
-            acts += live.last_stage * head_saved
+            if keeps_loss:
+                acts += live.last_stage * head_saved
+            else:  # log-probabilities only from F to B: one micro-batch at a time
+                acts += live.last_stage * (head_saved - loss_saved) + min(1, live.last_stage) * loss_saved
+        acts += max(0.0, recompute_extra - (recompute_freed if rank == lay.pp - 1 else 0.0))
         temps = max(mlp_temp, head_temp if rank == lay.pp - 1 else 0.0) + recompute_temp
         bucket = job.bucket_mb * MiB
         buckets = 0.0 if lay.zero == 0 else 2 * min(bucket, P * e)

@@ -134,6 +134,7 @@ class SplitBackward:
     module runs twice, or a Parameter is shared by two modules of the stage (a tied embedding
     with the head in the same stage), ``exact`` turns False and W falls back to one backward
     from the stage output into all parameters (correct, but it repeats the activation chain).
+    So does a stage whose blocks are recomputed whole (``recompute=full``).
     """
 
     def __init__(self, module: nn.Module):
@@ -143,6 +144,11 @@ class SplitBackward:
         self._hooks = []
         self._active: list | None = None
         for m in module.modules():
+            if getattr(m.forward, "recomputed", False):
+                # A block recomputed in backward (recompute=full) would be recomputed by every
+                # module's own W pass (each is a graph task of its own), holding all those copies
+                # until W ends: one W from the stage output recomputes each block once.
+                self.exact = False
             own = [p for p in m.parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
