@@ -139,7 +139,10 @@ class _Saved:
             self.live += st.nbytes()
             self.peak = max(self.peak, self.live)
         self.refs[key] = (n + 1, st.nbytes())
-        return _Token(self, key, t)
+        # Detached: a saved output (of softmax, LayerNorm, attention) kept with its grad_fn would
+        # make a reference cycle through that node, which no collector breaks when the graph is
+        # kept past a pass (``retain_graph=True``, the zero-bubble B): its bytes would never go.
+        return _Token(self, key, t.detach())
 
     @staticmethod
     def unpack(x):
