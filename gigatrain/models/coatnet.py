@@ -22,10 +22,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from .gpt import MLP, init_transformer_weights
+from .image import ImageClassifier
 
 __all__ = ["CoAtNet", "MBConv", "RelativeAttention", "RelTransformerBlock", "COATNET_TP_PLAN"]
 
@@ -222,7 +221,7 @@ class CoAtNetHead(nn.Module):
         return self.fc(self.norm(x.mean(dim=(2, 3))))
 
 
-class CoAtNet(nn.Module):
+class CoAtNet(ImageClassifier):
     """CoAtNet image classifier.
 
     Args:
@@ -247,7 +246,7 @@ class CoAtNet(nn.Module):
         """Module-name patterns -> "colwise" | "rowwise" | "vocab" for tensor parallelism."""
         return dict(COATNET_TP_PLAN)
 
-    tokens_per_sample = 1
+    count_attention_flops = True
 
     def __init__(
         self,
@@ -307,40 +306,4 @@ class CoAtNet(nn.Module):
         nn.init.normal_(self.head.fc.weight, std=init_std)
         nn.init.zeros_(self.head.fc.bias)
 
-        self._forward_flops = self._count_forward_flops()
-
-    def _count_forward_flops(self) -> float:
-        was_training = self.training
-        p = next(self.parameters())
-        x = torch.zeros(1, self.in_chans, self.image_size, self.image_size, device=p.device, dtype=p.dtype)
-        self.eval()  # BatchNorm must not update its running statistics here
-        try:
-            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-                self(x)
-        finally:
-            self.train(was_training)
-        return float(counter.get_total_flops())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the batch."""
-        return F.cross_entropy(logits.float(), targets)
-
-    def forward_flops_per_sample(self) -> float:
-        """FLOPs of one forward pass on one image (counted at construction)."""
-        return self._forward_flops
-
-    def train_flops_per_sample(self) -> float:
-        """Forward + backward FLOPs for one image: 3x the counted forward FLOPs."""
-        return 3.0 * self._forward_flops
-
-    def example_batch(self, batch_size: int, generator: torch.Generator | None = None):
-        """Random ``(images float32 [B, C, H, W], labels int64 [B])``."""
-        x = torch.randn(batch_size, self.in_chans, self.image_size, self.image_size, generator=generator)
-        y = torch.randint(0, self.num_classes, (batch_size,), generator=generator)
-        return x, y
+        self._forward_flops = self.count_forward_flops()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+
+from .image import ImageClassifier
 
 __all__ = ["ResNet", "BasicBlock"]
 
@@ -53,7 +54,7 @@ class ResNetHead(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-class ResNet(nn.Module):
+class ResNet(ImageClassifier):
     """Residual CNN classifier.
 
     Args:
@@ -63,8 +64,6 @@ class ResNet(nn.Module):
 
     ``forward(images [B, C, H, W])`` returns logits ``[B, num_classes]``.
     """
-
-    tokens_per_sample = 1
 
     def __init__(self, image_size: int = 28, in_chans: int = 1, num_classes: int = 10,
                  widths=(32, 64, 128), depths=(1, 1, 1)):
@@ -86,41 +85,9 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         for b in self.blocks:      # each residual branch starts as the identity (Goyal et al.)
             nn.init.zeros_(b.bn2.weight)
-        self._forward_flops = self._count_forward_flops()
+        self._forward_flops = self.count_forward_flops()
 
     @property
     def tp_plan(self) -> dict[str, str]:
         """Nothing is split by tensor parallelism."""
         return {}
-
-    def _count_forward_flops(self) -> float:
-        was_training = self.training
-        p = next(self.parameters())
-        x = torch.zeros(1, self.in_chans, self.image_size, self.image_size, device=p.device, dtype=p.dtype)
-        self.eval()  # BatchNorm must not update its running statistics here
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                self(x)
-        finally:
-            self.train(was_training)
-        return float(counter.get_total_flops())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the batch."""
-        return F.cross_entropy(logits.float(), targets)
-
-    def train_flops_per_sample(self) -> float:
-        """Forward + backward FLOPs for one image: 3x the forward FLOPs counted at construction."""
-        return 3.0 * self._forward_flops
-
-    def example_batch(self, batch_size: int, generator: torch.Generator | None = None):
-        """Random ``(images float32 [B, C, H, W], labels int64 [B])``."""
-        x = torch.randn(batch_size, self.in_chans, self.image_size, self.image_size, generator=generator)
-        y = torch.randint(0, self.num_classes, (batch_size,), generator=generator)
-        return x, y

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..parallel.materialize import is_meta, keyed_init_
 from .gpt import Block, init_transformer_module
+from .image import ImageClassifier
 
 __all__ = ["ViT", "ViTStem", "ViTHead", "VIT_TP_PLAN"]
 
@@ -56,7 +56,7 @@ class ViTHead(nn.Module):
         return self.fc(self.norm(x)[:, 0])
 
 
-class ViT(nn.Module):
+class ViT(ImageClassifier):
     """Vision Transformer classifier.
 
     Args:
@@ -75,8 +75,6 @@ class ViT(nn.Module):
     def tp_plan(self) -> dict[str, str]:
         """Module-name patterns -> "colwise" | "rowwise" | "vocab" for tensor parallelism."""
         return dict(VIT_TP_PLAN)
-
-    tokens_per_sample = 1
 
     def __init__(
         self,
@@ -113,16 +111,6 @@ class ViT(nn.Module):
             nn.init.normal_(module.pos, std=self.init_std)
             nn.init.zeros_(module.patch.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the batch."""
-        return F.cross_entropy(logits.float(), targets)
-
     def forward_flops_per_sample(self) -> float:
         """Matmul/conv FLOPs of one forward pass on one image, counted analytically
         (2 FLOPs per multiply-add; norms, softmax and elementwise ops not counted)."""
@@ -133,13 +121,3 @@ class ViT(nn.Module):
         per_block = 24.0 * s * d * d + 4.0 * s * s * d  # qkv+proj+fc+proj, then scores and weighted sum
         head = 2.0 * d * self.num_classes
         return patch + self.n_layer * per_block + head
-
-    def train_flops_per_sample(self) -> float:
-        """Forward + backward FLOPs for one image: 3x the analytic forward count."""
-        return 3.0 * self.forward_flops_per_sample()
-
-    def example_batch(self, batch_size: int, generator: torch.Generator | None = None):
-        """Random ``(images float32 [B, C, H, W], labels int64 [B])``."""
-        x = torch.randn(batch_size, self.in_chans, self.image_size, self.image_size, generator=generator)
-        y = torch.randint(0, self.num_classes, (batch_size,), generator=generator)
-        return x, y
