@@ -39,7 +39,7 @@ InitFn = Callable[[str, nn.Module], None]
 buffers, in place, from the global RNG), optionally refining those of its children inside the
 same unit. ``name`` is the module's full name (``""`` for the model)."""
 
-__all__ = ["InitFn", "KeyedInit", "LocalValues", "is_meta", "keyed_init_", "materialize", "module_key",
+__all__ = ["InitFn", "KeyedInit", "LocalValues", "block_units", "is_meta", "keyed_init_", "materialize", "module_key",
            "swap_in", "to_device", "unit_names"]
 
 
@@ -54,7 +54,9 @@ def is_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
 
 
-def _unit_roots(model: nn.Module) -> list[nn.Module]:
+def block_units(model: nn.Module) -> list[nn.Module]:
+    """The blocks of ``model``: ``model.blocks``, else the members of its largest ``nn.ModuleList``
+    (by parameter count), else none. The units of meta initialisation and of ZeRO-3."""
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
         return list(blocks)
@@ -75,7 +77,7 @@ def unit_names(model: nn.Module) -> list[list[str]]:
         name_of.setdefault(id(m), n)
     units: list[list[str]] = []
     in_block: set[int] = set()
-    for b in _unit_roots(model):
+    for b in block_units(model):
         units.append(_post_order(b, name_of, in_block))
         in_block.update(id(m) for m in b.modules())
     units.append(_post_order(model, name_of, in_block))

@@ -79,8 +79,7 @@ def apply_recompute(model: nn.Module, policy: RecomputePolicy) -> nn.Module:
                              f"{type(model).__name__} has no blocks list: use recompute=none, or give the "
                              f"model its transformer blocks as an nn.ModuleList named `blocks`.")
         for block in blocks:
-            if not getattr(block.forward, "recomputed", False):
-                block.forward = checkpointed(block.forward)
+            _recompute(block, "forward")
         return model
     targets = attention_modules(model)
     if not targets:
@@ -88,9 +87,15 @@ def apply_recompute(model: nn.Module, policy: RecomputePolicy) -> nn.Module:
                          f"declares none (an `attention_core(q, k, v)` method on its attention modules): use "
                          f"recompute=full or none.")
     for m in targets:
-        if not getattr(m.attention_core, "recomputed", False):
-            m.attention_core = checkpointed(m.attention_core)
+        _recompute(m, "attention_core")
     return model
+
+
+def _recompute(owner: nn.Module, method: str) -> None:
+    """Replace ``owner.method`` by its checkpointed version, once."""
+    fn = getattr(owner, method)
+    if not getattr(fn, "recomputed", False):
+        setattr(owner, method, checkpointed(fn))
 
 
 def saved_activation_bytes(module: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:

@@ -505,11 +505,13 @@ class PipelineRuntime:
         fewer than ``RECV_AHEAD`` are waiting to be consumed and their shapes are known (after
         the first step). Stops at the first it cannot post, so the order never changes."""
         if self._sends:
-            done = [w for w in self._sends if w.is_completed()]
-            for w in done:
-                w.wait()
-            if done:
-                self._sends = [w for w in self._sends if not w.is_completed()]
+            pending = []
+            for w in self._sends:
+                if w.is_completed():
+                    w.wait()
+                else:
+                    pending.append(w)
+            self._sends = pending
         batch = []
         waiting = len(self._fwd_in) + len(self._bwd_in)
         k = self._next_recv

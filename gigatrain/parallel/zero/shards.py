@@ -342,11 +342,9 @@ class StateCodec:
         self.comm.all_gather(out, local)
         return out.cpu()
 
-    def export(self, master: Callable[[Segment], torch.Tensor], states: PieceStates) -> FullState:
-        """(parameters by name, optimizer state by name): full fp32 tensors on the CPU.
-
-        ``master(seg)`` gives the fp32 values of the segment's owned range (or of the whole
-        segment, when this rank has all of it). Collective over ``comm``."""
+    def _state_kinds(self, states: PieceStates) -> tuple[set[str], dict[str, float]]:
+        """The per-element optimizer state keys (tensors as long as their piece, ``step``
+        excepted) and the scalar states (the last value seen for each other key)."""
         keys: set[str] = set()
         scalars: dict[str, float] = {}
         for seg in self.segments:
@@ -356,6 +354,14 @@ class StateCodec:
                         keys.add(k)
                     else:
                         scalars[k] = float(v)
+        return keys, scalars
+
+    def export(self, master: Callable[[Segment], torch.Tensor], states: PieceStates) -> FullState:
+        """(parameters by name, optimizer state by name): full fp32 tensors on the CPU.
+
+        ``master(seg)`` gives the fp32 values of the segment's owned range (or of the whole
+        segment, when this rank has all of it). Collective over ``comm``."""
+        keys, scalars = self._state_kinds(states)
         params: dict[str, torch.Tensor] = {}
         optim: dict[str, dict[str, torch.Tensor]] = {}
         for seg in self.segments:
@@ -411,15 +417,7 @@ class StateCodec:
         parameters whole and ``replicated``. Also the scalar states (by parameter name and key),
         recorded with the piece that holds a parameter's first element. ``replicated``: the
         segments are the same on every dp rank (plain data parallel)."""
-        keys: set[str] = set()
-        scalars: dict[str, float] = {}
-        for seg in self.segments:
-            for pc in seg.pieces:
-                for k, v in states.get(seg, pc).items():
-                    if torch.is_tensor(v) and k != "step" and v.numel() == pc.numel:
-                        keys.add(k)
-                    else:
-                        scalars[k] = float(v)
+        keys, scalars = self._state_kinds(states)
         cache = _SegmentCache(self, master, states)
         out: list[StatePiece] = []
         held: dict[tuple[str, str], float] = {}

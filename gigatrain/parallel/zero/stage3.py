@@ -79,7 +79,7 @@ from ...distributed.mesh import Mesh
 from ...optim import decays
 from ...precision import PrecisionPolicy
 from ..strategy import param_ids
-from ..materialize import swap_in
+from ..materialize import block_units, swap_in
 from .buckets import flat_layout, remove_hooks
 from .nvme import NVMeOptimizer, OptimizerSpec
 from .offload import HostBuffer, HostShard
@@ -93,19 +93,9 @@ _FREE, _GATHERING, _FULL = "free", "gathering", "full"
 
 
 def default_units(model: nn.Module) -> list[nn.Module]:
-    """The modules that each become one stage-3 unit (see the module docstring)."""
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
-        return list(blocks)
-    best, best_n = None, 0
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 1:
-            n = sum(p.numel() for p in m.parameters())
-            if n > best_n:
-                best, best_n = m, n
-    if best is not None:
-        return list(best)
-    return [c for c in model.children() if any(p.requires_grad for p in c.parameters())]
+    """The modules that each become one stage-3 unit (see the module docstring): the blocks,
+    else the children that hold trainable parameters."""
+    return block_units(model) or [c for c in model.children() if any(p.requires_grad for p in c.parameters())]
 
 
 def _weak(method, *bound):
@@ -593,13 +583,7 @@ class Stage3Strategy:
         for u in self.units:
             if not u.reduced and any(p.grad is not None for p in u.params):
                 self._reduce(u)
-        while self._pending:
-            self._finish_one()
-        for u in self.units:
-            self._free(u)
-            u.reduced = False
-            u.bwd_gathered = False
-            u.ready.clear()
+        self._finish_and_release()
         self._bwd_cursor = -1
 
     def reduce_accumulated(self) -> None:
@@ -612,6 +596,11 @@ class Stage3Strategy:
         for u in self.units:
             if any(p.grad is not None for p in u.params):
                 self._reduce(u)
+        self._finish_and_release()
+
+    def _finish_and_release(self) -> None:
+        """Finish every reduce-scatter in flight and return every unit to its rest state: freed,
+        nothing reduced, gathered or awaited (the end of a step's backward)."""
         while self._pending:
             self._finish_one()
         for u in self.units:
