@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common import add_gpt_args, gpt_factory  # noqa: E402
+from common import add_gpt_args, alternate_steps, gpt_factory  # noqa: E402
 from gigatrain.parallel.compile import CompilePolicy, apply_compile  # noqa: E402
 
 
@@ -37,16 +37,7 @@ def main() -> None:
     seq = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len + 1), generator=g)
     x, y = seq[:, :-1], seq[:, 1:]
     models = {"eager": make(), "compiled": apply_compile(make(), CompilePolicy(args.mode))}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True) for k, m in models.items()}
-
-    def step(k):
-        m = models[k]
-        loss = m.loss(m(x), y)
-        loss.backward()
-        opts[k].step()
-        opts[k].zero_grad(set_to_none=True)
-        return float(loss.detach())
-
+    step, run = alternate_steps(models, (x, y), rounds=args.rounds, steps_per_round=args.steps_per_round)
     losses = {k: [] for k in models}
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -54,13 +45,9 @@ def main() -> None:
     warm = time.perf_counter() - t0
     for _ in range(args.warmup):
         losses["eager"].append(step("eager"))
-    times = {k: [] for k in models}
-    for _ in range(args.rounds):
-        for k in models:
-            for _ in range(args.steps_per_round):
-                t = time.perf_counter()
-                losses[k].append(step(k))
-                times[k].append(time.perf_counter() - t)
+    times, timed = run()
+    for k in models:
+        losses[k] += timed[k]
     eager, comp = statistics.median(times["eager"]), statistics.median(times["compiled"])
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses["compiled"], losses["eager"]))
     print(f"GPT {sum(p.numel() for p in models['eager'].parameters()) / 1e6:.2f}M params, {args.n_layer} layers, "

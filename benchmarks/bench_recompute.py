@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from common import add_gpt_args, gpt_factory  # noqa: E402
+from common import add_gpt_args, alternate_steps, gpt_factory  # noqa: E402
 from gigatrain.parallel.recompute import RecomputePolicy, apply_recompute, saved_activation_bytes  # noqa: E402
 
 MODES = ("none", "selective", "full")
@@ -40,30 +39,12 @@ def main() -> None:
     seq = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len + 1), generator=g)
     x, y = seq[:, :-1], seq[:, 1:]
 
-    models, opts = {}, {}
-    for m in MODES:
-        models[m] = apply_recompute(make(), RecomputePolicy(m))
-        opts[m] = torch.optim.AdamW(models[m].parameters(), lr=1e-4, foreach=True)
-
-    def step(m):
-        model = models[m]
-        loss = model.loss(model(x), y)
-        loss.backward()
-        opts[m].step()
-        opts[m].zero_grad(set_to_none=True)
-        return float(loss.detach())
-
+    models = {m: apply_recompute(make(), RecomputePolicy(m)) for m in MODES}
+    step, run = alternate_steps(models, (x, y), rounds=args.rounds, steps_per_round=args.steps_per_round)
     for m in MODES:
         for _ in range(args.warmup):
             step(m)
-    times = {m: [] for m in MODES}
-    losses = {m: [] for m in MODES}
-    for _ in range(args.rounds):
-        for m in MODES:
-            for _ in range(args.steps_per_round):
-                t0 = time.perf_counter()
-                losses[m].append(step(m))
-                times[m].append(time.perf_counter() - t0)
+    times, losses = run()
 
     kept = {}
     h = models["none"].stem(x).detach().requires_grad_()

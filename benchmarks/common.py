@@ -41,3 +41,36 @@ def median_step(results: list[dict], name: str) -> float:
     """A step is as slow as its slowest rank: max over ranks per step, then the median."""
     times = [r["times"][name] for r in results]
     return statistics.median(max(t[i] for t in times) for i in range(len(times[0])))
+
+
+def alternate_steps(models: dict, batch, *, rounds: int, steps_per_round: int, lr: float = 1e-4):
+    """Train each of ``models`` (name -> GPT) with its own AdamW on the same ``(x, y)``, the models
+    taking turns, ``steps_per_round`` steps each per round, so load drifts hit all alike.
+    Returns ``(step, run)``: ``step(name)`` runs one untimed step (warm-up) and returns its
+    loss; ``run()`` does the timed rounds and returns ``(times, losses)`` by name."""
+    import time
+
+    import torch
+
+    x, y = batch
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=lr, foreach=True) for k, m in models.items()}
+
+    def step(k):
+        m = models[k]
+        loss = m.loss(m(x), y)
+        loss.backward()
+        opts[k].step()
+        opts[k].zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def run():
+        times = {k: [] for k in models}
+        losses = {k: [] for k in models}
+        for _ in range(rounds):
+            for k in models:
+                for _ in range(steps_per_round):
+                    t0 = time.perf_counter()
+                    losses[k].append(step(k))
+                    times[k].append(time.perf_counter() - t0)
+        return times, losses
+    return step, run
