@@ -217,8 +217,9 @@ def test_stage_modules_compose_to_the_model():
 def test_split_backward_equals_full_backward():
     """B (input gradient + module-output gradients) then W (each module to its own weights):
     bit-identical input gradients and accumulated .grad to one full backward, over two
-    micro-batches, for a first stage (stem + blocks), a last stage (blocks + head), and the whole
-    model in one stage (tied embedding inside: falls back to a full-graph W)."""
+    micro-batches, for a first stage (stem + blocks: no input gradient, so B is empty and W one
+    whole backward), a last stage (blocks + head: W module by module), and the whole model in one
+    stage (tied embedding inside: falls back to a full-graph W)."""
     from gigatrain.parallel.pipeline.partition import uniform
     from gigatrain.parallel.pipeline.runtime import SplitBackward, build_stage_modules
 
@@ -248,6 +249,7 @@ def test_split_backward_equals_full_backward():
                     y = model.loss(out, tgt) / 2
                 if use_split:
                     gx, work = split.backward_input(y, g, x, rec)
+                    assert work[0] == ("full" if is_first or not exact else "modules")
                     split.backward_weight(work)
                 else:
                     torch.autograd.backward(y, grad_tensors=g)
