@@ -8,7 +8,9 @@ one, and
   host time of posting a send and a receive (LogP's L and o, from a probe before the schedules
   run) to the simulator, and report its predicted bubble and step time next to the measured ones;
 - time torch's ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B /
-  ScheduleInterleavedZeroBubble on the same stage modules, micro-batches and loss.
+  ScheduleInterleavedZeroBubble on the same stage modules, micro-batches and loss, and its
+  compute per action (forward, backward or its input-gradient part, weight gradient) next to
+  ours.
 
 Usage:
     python benchmarks/bench_pipeline.py --world 2 --out runs/bench_pipeline.json
@@ -218,12 +220,33 @@ class _Torch:
         stages = [tpp.PipelineStage(c, c.stage, self.pp * V, torch.device("cpu"), group=group) for c in chunks]
         self.sched = getattr(tpp, cls_name)(stages if V > 1 else stages[0], cfg["microbatches"],
                                             loss_fn=self.model.loss)
-        self.times = []
+        self.times, self.keep = [], False
+        self.actions: dict[tuple[str, int], list[float]] = {}  # (kind, stage) -> durations
+        for st in stages:
+            self._time_actions(st)
+
+    def _time_actions(self, stage):
+        """Time the stage's compute per action, as ours records it: forward, backward (the input
+        gradient when the schedule splits it, else all of it) and weight gradient."""
+        for name, kind in (("forward_one_chunk", "F"), ("backward_one_chunk", "B"),
+                           ("backward_weight_one_chunk", "W")):
+            fn = getattr(stage, name, None)
+            if fn is None:
+                continue
+
+            def timed(*a, _fn=fn, _key=(kind, stage.stage_index), **k):
+                t0 = time.perf_counter()
+                out = _fn(*a, **k)
+                if self.keep:
+                    self.actions.setdefault(_key, []).append(time.perf_counter() - t0)
+                return out
+            setattr(stage, name, timed)
 
     def step(self, step, keep):
         x, y = _batch(self.cfg, self.model, step)
         kwargs = {"target": y, "losses": []} if self.rank == self.pp - 1 else {}
         args = (x,) if self.rank == 0 else ()
+        self.keep = keep
         dt = _timed(self.group, lambda: self.sched.step(*args, **kwargs))
         for p in self.model.parameters():
             p.grad = None
@@ -231,7 +254,15 @@ class _Torch:
             self.times.append(dt)
 
     def result(self):
-        return {"step_s": statistics.median(self.times), "step_s_min": min(self.times)}
+        parts = [None] * self.pp
+        dist.all_gather_object(parts, self.actions, group=self.group)
+        med = {}
+        for part in parts:
+            for (kind, s), d in part.items():
+                med.setdefault(kind, {})[s] = round(statistics.median(d) * 1e3, 3)
+        costs = {k: [v.get(s, 0.0) for s in range(max(v) + 1)] for k, v in med.items()}
+        return {"step_s": statistics.median(self.times), "step_s_min": min(self.times),
+                "stage_costs_ms": costs}
 
 
 def _worker(rank, world, cfg):
@@ -256,13 +287,19 @@ def _worker(rank, world, cfg):
                 runners.append(_Torch(cfg, group, peer, V))
             except Exception as e:  # report, keep benchmarking the rest
                 row["torch"] = {"class": peer, "error": f"{type(e).__name__}: {e}"}
-        # Alternate the two implementations step by step, so that load drifts hit both alike.
+        # Alternate the two implementations step by step, so that load drifts hit both alike,
+        # and which of them goes first (A B B A ...): the second of a pair runs on memory the
+        # first has just released and page-faults less (about 1.5% per step here).
         for step in range(cfg["warmup"] + cfg["steps"]):
-            for r in runners:
+            for r in (runners if step % 2 == 0 else runners[::-1]):
                 r.step(step, keep=step >= cfg["warmup"])
         row["ours"] = runners[0].result(cfg["latency"], cfg["overheads"])
         if len(runners) > 1:
             row["torch"] = {"class": peer, **runners[1].result()}
+            # The ratio within each pair of neighbouring steps (one each), then the median: a
+            # drift of the machine's speed over the run moves both steps of a pair alike.
+            pairs = [t / o for o, t in zip(runners[0].times, runners[1].times, strict=True)]
+            row["torch"]["paired_ratio"] = statistics.median(pairs)
         rows.append(row)
     return {"latency_s": cfg["latency"], "send_overhead_s": cfg["overheads"][0],
             "recv_overhead_s": cfg["overheads"][1], "rows": rows}
@@ -297,7 +334,7 @@ def main(argv=None):
           f"pp={args.world} gloo CPU ranks, 1 thread each; {args.microbatches} micro-batches of {args.mb}; "
           f"message latency {res['latency_s']*1e3:.3f} ms, posting a send {res['send_overhead_s']*1e3:.3f} ms, "
           f"a receive {res['recv_overhead_s']*1e3:.3f} ms; median (and min) of {args.steps} steps, "
-          "ours and torch's alternating step by step")
+          "ours and torch's alternating step by step; torch/ours = median ratio of neighbouring steps")
     hdr = (f"{'schedule':<16} {'ours ms':>8} {'(min)':>6} {'tok/s':>8} {'torch ms':>9} {'(min)':>6} {'torch/ours':>10} "
            f"{'bubble meas':>11} {'sim':>6} {'sim(0 lat)':>10} {'sim ms':>7} {'sim(o)':>7} {'replay':>7} {'o ms':>5}")
     print(hdr)
@@ -307,7 +344,7 @@ def main(argv=None):
         t = row.get("torch", {})
         t_ms = (f"{t['step_s']*1e3:9.1f} {t['step_s_min']*1e3:6.1f}" if "step_s" in t
                 else f"{'-' if not t else 'error':>9} {'':>6}")
-        ratio = f"{t['step_s']/o['step_s']:10.2f}" if "step_s" in t else f"{'-':>10}"
+        ratio = f"{t['paired_ratio']:10.2f}" if "step_s" in t else f"{'-':>10}"
         o["tokens_per_s"] = tokens / o["step_s"]
         if "step_s" in t:
             t["tokens_per_s"] = tokens / t["step_s"]
@@ -317,6 +354,18 @@ def main(argv=None):
               f"{o['host_overhead_per_message_s']*1e3:5.2f}")
         if "error" in t:
             print(f"    torch {t['class']}: {t['error']}")
+    print("\nmedian compute per action and stage, ms (ours | torch's, same stage modules):")
+    for row in res["rows"]:
+        t = row.get("torch", {}).get("stage_costs_ms", {})
+        cells = []
+        for kind in "FBW":
+            ours = row["ours"]["stage_costs_ms"][kind]
+            if not any(ours) and not any(t.get(kind, [])):
+                continue
+            theirs = t.get(kind)
+            cells.append(f"{kind} " + " ".join(f"{x:.1f}" for x in ours)
+                         + (" | " + " ".join(f"{x:.1f}" for x in theirs) if theirs else ""))
+        print(f"  {row['schedule']:<16} " + "; ".join(cells))
     out = {"config": {**cfg, "world": args.world}, "machine": platform.platform(),
            "cpu_count": os.cpu_count(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - t0, **res}
