@@ -8,9 +8,10 @@ one, and
   host time of posting a send and a receive (LogP's L and o, from a probe before the schedules
   run) to the simulator, and report its predicted bubble and step time next to the measured ones;
 - time torch's ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B /
-  ScheduleInterleavedZeroBubble on the same stage modules, micro-batches and loss, and its
-  compute per action (forward, backward or its input-gradient part, weight gradient) next to
-  ours.
+  ScheduleInterleavedZeroBubble on the same stage modules, micro-batches and loss (its step
+  followed by what ours does inside the step: summing the tied embedding's gradient over the
+  first and last stage, and sharing the loss with every pp rank), and its compute per action
+  (forward, backward or its input-gradient part, weight gradient) next to ours.
 
 Usage:
     python benchmarks/bench_pipeline.py --world 2 --out runs/bench_pipeline.json
@@ -211,7 +212,7 @@ class _Torch:
         import torch.distributed.pipelining as tpp
 
         from gigatrain.parallel.pipeline.partition import uniform
-        from gigatrain.parallel.pipeline.runtime import build_stage_modules
+        from gigatrain.parallel.pipeline.runtime import build_stage_modules, tied_parameters
 
         self.cfg, self.group = cfg, group
         self.pp, self.rank = dist.get_world_size(group), dist.get_rank(group)
@@ -221,6 +222,7 @@ class _Torch:
         self.sched = getattr(tpp, cls_name)(stages if V > 1 else stages[0], cfg["microbatches"],
                                             loss_fn=self.model.loss)
         self.times, self.keep = [], False
+        self.tied = tied_parameters(self.model)
         self.actions: dict[tuple[str, int], list[float]] = {}  # (kind, stage) -> durations
         for st in stages:
             self._time_actions(st)
@@ -247,11 +249,33 @@ class _Torch:
         kwargs = {"target": y, "losses": []} if self.rank == self.pp - 1 else {}
         args = (x,) if self.rank == 0 else ()
         self.keep = keep
-        dt = _timed(self.group, lambda: self.sched.step(*args, **kwargs))
+
+        def run():
+            self.sched.step(*args, **kwargs)
+            self._finish(kwargs.get("losses"))
+        dt = _timed(self.group, run)
         for p in self.model.parameters():
             p.grad = None
         if keep:
             self.times.append(dt)
+
+    def _finish(self, losses):
+        """What torch's step leaves to its user and ours does inside its step, so that both
+        steps do the same work: the tied embedding / LM head's gradient summed over the first
+        and last stage (each holds a copy; without this the copies drift apart), and the mean
+        loss shared with every pp rank."""
+        last = self.pp - 1
+        if self.rank in (0, last) and last > 0:
+            peer = dist.get_global_rank(self.group, last if self.rank == 0 else 0)
+            for p in self.tied:
+                other = torch.empty_like(p.grad)
+                ops = [dist.P2POp(dist.isend, p.grad, peer, group=self.group),
+                       dist.P2POp(dist.irecv, other, peer, group=self.group)]
+                for w in dist.batch_isend_irecv(ops):
+                    w.wait()
+                p.grad.add_(other)
+        loss = torch.stack(losses).mean() if losses else torch.zeros(())
+        dist.broadcast(loss, dist.get_global_rank(self.group, last), group=self.group)
 
     def result(self):
         parts = [None] * self.pp
