@@ -162,14 +162,16 @@ class _Ours:
         self.sched = build_schedule(kind, self.pp, cfg["microbatches"], V)
         self.rt = PipelineRuntime(self.model, uniform(cfg["layers"], self.pp * V), self.sched,
                                   pp_group=group, virtual=V, record=True)
-        self.times, self.bubbles, self.costs, self.recs = [], [], [], []
+        self.times, self.bubbles, self.costs, self.recs, self.losses = [], [], [], [], []
 
     def step(self, step, keep):
         from gigatrain.parallel.pipeline.runtime import split_microbatches
         from gigatrain.parallel.pipeline.timeline import measured_bubble
 
         mbs = split_microbatches(_batch(self.cfg, self.model, step), self.cfg["microbatches"])
-        dt = _timed(self.group, lambda: self.rt.step(mbs))
+        loss = []
+        dt = _timed(self.group, lambda: loss.append(self.rt.step(mbs)))
+        self.losses.append(loss[0])
         for p in self.rt.parameters():
             p.grad = None
         if keep:
@@ -221,7 +223,7 @@ class _Torch:
         stages = [tpp.PipelineStage(c, c.stage, self.pp * V, torch.device("cpu"), group=group) for c in chunks]
         self.sched = getattr(tpp, cls_name)(stages if V > 1 else stages[0], cfg["microbatches"],
                                             loss_fn=self.model.loss)
-        self.times, self.keep = [], False
+        self.times, self.keep, self.losses = [], False, []
         self.tied = tied_parameters(self.model)
         self.actions: dict[tuple[str, int], list[float]] = {}  # (kind, stage) -> durations
         for st in stages:
@@ -252,7 +254,7 @@ class _Torch:
 
         def run():
             self.sched.step(*args, **kwargs)
-            self._finish(kwargs.get("losses"))
+            self.losses.append(self._finish(kwargs.get("losses")))
         dt = _timed(self.group, run)
         for p in self.model.parameters():
             p.grad = None
@@ -276,6 +278,7 @@ class _Torch:
                 p.grad.add_(other)
         loss = torch.stack(losses).mean() if losses else torch.zeros(())
         dist.broadcast(loss, dist.get_global_rank(self.group, last), group=self.group)
+        return loss.item()
 
     def result(self):
         parts = [None] * self.pp
@@ -324,6 +327,10 @@ def _worker(rank, world, cfg):
             # drift of the machine's speed over the run moves both steps of a pair alike.
             pairs = [t / o for o, t in zip(runners[0].times, runners[1].times, strict=True)]
             row["torch"]["paired_ratio"] = statistics.median(pairs)
+            # Same batches, same initial weights, gradients cleared after each step: the losses
+            # must agree, or the two are not timing the same computation.
+            row["torch"]["max_loss_diff"] = max(abs(a - b) for a, b in zip(runners[0].losses, runners[1].losses,
+                                                                          strict=True))
         rows.append(row)
     return {"latency_s": cfg["latency"], "send_overhead_s": cfg["overheads"][0],
             "recv_overhead_s": cfg["overheads"][1], "rows": rows}
@@ -378,6 +385,9 @@ def main(argv=None):
               f"{o['host_overhead_per_message_s']*1e3:5.2f}")
         if "error" in t:
             print(f"    torch {t['class']}: {t['error']}")
+    diffs = [row["torch"]["max_loss_diff"] for row in res["rows"] if "max_loss_diff" in row.get("torch", {})]
+    if diffs:
+        print(f"losses of ours and torch's, step by step: largest difference {max(diffs):.2e}")
     print("\nmedian compute per action and stage, ms (ours | torch's, same stage modules):")
     for row in res["rows"]:
         t = row.get("torch", {}).get("stage_costs_ms", {})
