@@ -5,8 +5,9 @@ For every schedule we run a few timed steps of a small GPT, keep per-action timi
 one, and
 - measure the bubble (idle share of the ranks' compute capacity over the step);
 - feed the measured per-stage F / B / W durations, a measured message latency and the measured
-  host time of posting a send and a receive (LogP's L and o, from a probe before the schedules
-  run) to the simulator, and report its predicted bubble and step time next to the measured ones;
+  cost of a message to its poster (LogP's L and o, from probes before the schedules run; o while
+  messages stream both ways and both ranks compute, as in a step) to the simulator, and report
+  its predicted bubble and step time next to the measured ones;
 - time torch's ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B /
   ScheduleInterleavedZeroBubble on the same stage modules, micro-batches and loss (its step
   followed by what ours does inside the step: summing the tied embedding's gradient over the
@@ -97,6 +98,51 @@ def _post_overheads(group, shape, reps=20):
             (sends if rank == sender else recvs).append(dt)
         dist.barrier(group=group)
     return statistics.median(sends), statistics.median(recvs)
+
+
+def _streaming_overhead(group, shape, rounds=40, trials=3, compute_s=0.004):
+    """What a message costs its poster while messages stream both ways and both ranks compute,
+    as in a pipeline step: ranks 0 and 1 run ``rounds`` rounds of a matrix product (about
+    ``compute_s``), once alone and once with a send to and a receive from the other posted at the
+    start of each round and waited for a round later. The extra time per posted message is o.
+    The idle probe above misses most of it: gloo's transport thread holds a pair's lock while it
+    moves earlier messages, and it shares the cores with both ranks' compute."""
+    rank = dist.get_rank(group)
+    if rank > 1:
+        return 0.0
+    peer = dist.get_global_rank(group, 1 - rank)
+    a, b = torch.randn(shape[0] * shape[1], shape[-1]), torch.randn(shape[-1], 4 * shape[-1])
+    t0 = time.perf_counter()
+    a @ b
+    reps = torch.tensor([max(1, round(compute_s / max(time.perf_counter() - t0, 1e-6)))])
+    dist.all_reduce(reps, op=dist.ReduceOp.MAX, group=group)  # both ranks the same work
+    reps = int(reps.item())
+
+    def compute():
+        for _ in range(reps):
+            a @ b
+
+    sends, recvs = [torch.randn(shape) for _ in range(2)], [torch.empty(shape) for _ in range(2)]
+    out = []
+    for _ in range(trials):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            compute()
+        alone = time.perf_counter() - t0
+        dist.barrier(group=group)
+        prev: list = []
+        t0 = time.perf_counter()
+        for i in range(rounds):
+            works = [dist.isend(sends[i % 2], peer, group=group), dist.irecv(recvs[i % 2], peer, group=group)]
+            compute()
+            for w in prev:
+                w.wait()
+            prev = works
+        for w in prev:
+            w.wait()
+        out.append(max(0.0, (time.perf_counter() - t0 - alone) / (2 * rounds)))
+    return statistics.median(out)
 
 
 def _stage_costs(records, n_stages):
@@ -300,9 +346,11 @@ def _worker(rank, world, cfg):
     lat = torch.tensor([cfg["latency"]])
     dist.broadcast(lat, 0, group=group)
     cfg["latency"] = lat.item()
-    o = torch.tensor(_post_overheads(group, (cfg["mb"], cfg["seq"], cfg["d_model"])))
+    shape = (cfg["mb"], cfg["seq"], cfg["d_model"])
+    o = torch.tensor(_post_overheads(group, shape) + (_streaming_overhead(group, shape),))
     dist.all_reduce(o, group=group)
-    cfg["overheads"] = (o / min(2, world)).tolist()
+    o = (o / min(2, world)).tolist()
+    cfg["idle_overheads"], cfg["overheads"] = o[:2], (o[2], o[2])
     rows = []
     for label, kind, V, peer in SCHEDULES:
         if cfg["only"] and label not in cfg["only"]:
@@ -333,7 +381,8 @@ def _worker(rank, world, cfg):
                                                                           strict=True))
         rows.append(row)
     return {"latency_s": cfg["latency"], "send_overhead_s": cfg["overheads"][0],
-            "recv_overhead_s": cfg["overheads"][1], "rows": rows}
+            "recv_overhead_s": cfg["overheads"][1], "idle_send_overhead_s": cfg["idle_overheads"][0],
+            "idle_recv_overhead_s": cfg["idle_overheads"][1], "rows": rows}
 
 
 def main(argv=None):
@@ -363,8 +412,9 @@ def main(argv=None):
     model = _model(cfg)
     print(f"GPT {args.layers}x{args.d_model}, seq {args.seq}, {sum(p.numel() for p in model.parameters())/1e6:.2f}M params; "
           f"pp={args.world} gloo CPU ranks, 1 thread each; {args.microbatches} micro-batches of {args.mb}; "
-          f"message latency {res['latency_s']*1e3:.3f} ms, posting a send {res['send_overhead_s']*1e3:.3f} ms, "
-          f"a receive {res['recv_overhead_s']*1e3:.3f} ms; median (and min) of {args.steps} steps, "
+          f"message latency {res['latency_s']*1e3:.3f} ms; a message costs its poster {res['send_overhead_s']*1e3:.3f} ms "
+          f"while messages stream and both ranks compute (idle probe: a send {res['idle_send_overhead_s']*1e3:.3f} ms, "
+          f"a receive {res['idle_recv_overhead_s']*1e3:.3f} ms); median (and min) of {args.steps} steps, "
           "ours and torch's alternating step by step; torch/ours = median ratio of neighbouring steps")
     hdr = (f"{'schedule':<16} {'ours ms':>8} {'(min)':>6} {'tok/s':>8} {'torch ms':>9} {'(min)':>6} {'torch/ours':>10} "
            f"{'bubble meas':>11} {'sim':>6} {'sim(0 lat)':>10} {'sim ms':>7} {'sim(o)':>7} {'replay':>7} {'o ms':>5}")
