@@ -209,10 +209,10 @@ class _Ours:
         self.rt = PipelineRuntime(self.model, uniform(cfg["layers"], self.pp * V), self.sched,
                                   pp_group=group, virtual=V, record=True)
         self.times, self.bubbles, self.costs, self.recs, self.losses = [], [], [], [], []
+        self.own_recs: list = []  # this rank's records of each kept step
 
     def step(self, step, keep):
         from gigatrain.parallel.pipeline.runtime import split_microbatches
-        from gigatrain.parallel.pipeline.timeline import measured_bubble
 
         mbs = split_microbatches(_batch(self.cfg, self.model, step), self.cfg["microbatches"])
         loss = []
@@ -221,17 +221,23 @@ class _Ours:
         for p in self.rt.parameters():
             p.grad = None
         if keep:
-            parts = [None] * self.pp
-            dist.all_gather_object(parts, self.rt.records, group=self.group)
-            recs = [r for part in parts for r in part]
+            # Gathered across ranks once, in result(): pickling and sending them between steps
+            # left garbage that the next steps paid for (0.7% of a step in an A/B), which torch's
+            # steps, with nothing to gather, did not.
             self.times.append(dt)
-            self.bubbles.append(measured_bubble(recs, self.pp))
-            self.costs.append(_stage_costs(recs, self.pp * self.V))
-            self.recs.append(recs)
+            self.own_recs.append(self.rt.records)
 
     def result(self, latency, overheads=(0.0, 0.0)):
         from gigatrain.parallel.pipeline.simulate import Costs, simulate
+        from gigatrain.parallel.pipeline.timeline import measured_bubble
 
+        parts = [None] * self.pp
+        dist.all_gather_object(parts, self.own_recs, group=self.group)
+        for k in range(len(self.own_recs)):
+            recs = [r for part in parts for r in part[k]]
+            self.bubbles.append(measured_bubble(recs, self.pp))
+            self.costs.append(_stage_costs(recs, self.pp * self.V))
+            self.recs.append(recs)
         S = self.pp * self.V
         med = {k: [statistics.median(c[k][s] for c in self.costs) for s in range(S)] for k in "FBW"}
         sim = simulate(self.sched, Costs(f=med["F"], b=med["B"], w=med["W"], comm=latency,
