@@ -153,6 +153,7 @@ class ParallelConfig(_Section):
     pp_microbatches: Optional[int] = Field(None, ge=1, description="Micro-batches per step per dp rank through the pipeline (null = `grad_accum`); when set it must equal global_batch / (micro_batch x dp).")
     pp_virtual: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved schedule).")
     pp_balance: Union[Literal["params", "time", "uniform"], list[int]] = Field("params", description="How blocks are split into stages: by `params`, by measured `time`, `uniform`, or an explicit list of blocks per stage (length pp x pp_virtual).")
+    pp_transport: Literal["auto", "backend"] = Field("auto", description="How pipeline messages travel between pp ranks: `auto` = through shared memory when the ranks run on the CPU of one host (no socket and no transport thread per message, which on a CPU host take cores from training), through the backend otherwise; `backend` = always through the process group (gloo or nccl).")
     bucket_mb: float = Field(25.0, gt=0.0, description="Gradient bucket size in MiB for overlapping communication with backward.")
     timeout_s: float = Field(600.0, gt=0.0, description="Collective timeout in seconds (a hang fails after this long).")
     hang_timeout_s: float = Field(120.0, gt=0.0, description="After this many seconds in one collective, the ranks compare what they are doing and one paragraph names the rank that never arrived and where it is, then every rank exits (code 124). Must be below `timeout_s` and above any legitimate wait (a slow checkpoint save).")

@@ -234,6 +234,26 @@ class Comm:
         self._channel = f"{name}[{','.join(map(str, self.ranks))}]"
         self._members = tuple(self.ranks)
         self._p2p_channels: dict[tuple[int, int], str] = {}
+        self._local = None      # LocalP2P once use_local_p2p() has set it up
+
+    def use_local_p2p(self, timeout_s: float = 600.0, ring_bytes: int = 16 << 20) -> bool:
+        """Carry point-to-point messages of CPU tensors between neighbouring members of this
+        group through shared memory (``local_p2p``) when every member runs on this host; others
+        stay on the backend. Collective over the group. Returns whether shared memory is in use."""
+        from .local_p2p import LocalP2P, host_id
+        if self.size == 1 or self._local is not None:
+            return self._local is not None
+        hosts = self.all_gather_object(host_id())
+        if len(set(hosts)) != 1:
+            return False
+        self._local = LocalP2P.open(self.group, self.ranks, self.ranks[self.rank], timeout_s=timeout_s,
+                                    ring_bytes=ring_bytes)
+        return self._local is not None
+
+    def close_local_p2p(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
 
     def __repr__(self) -> str:
         return f"Comm({self.name}, rank {self.rank}/{self.size})"
@@ -339,22 +359,35 @@ class Comm:
         one-off set-up traffic (copying initial values) out of the byte counts, which are meant to
         describe training steps; the messages are still recorded for the watchdog.
         """
-        ops, recs = [], []
         me = self.ranks[self.rank]
+        local = self._local
+        msgs, recs = [], []           # (is_send, tensor, global peer) in the order of the works
         for t, peer in sends:
             if count:
                 self._count("send", _nbytes(t), _nbytes(t))
             g = self.ranks[peer]
-            ops.append(dist.P2POp(dist.isend, t, g, group=self.group))
+            msgs.append((True, t, g))
             recs.append(self.log.begin("send", self.name, self._p2p_channel(me, g), (me, g), [tuple(t.shape)]))
         for t, peer in recvs:
             g = self.ranks[peer]
-            ops.append(dist.P2POp(dist.irecv, t, g, group=self.group))
+            msgs.append((False, t, g))
             recs.append(self.log.begin("recv", self.name, self._p2p_channel(g, me), (g, me), [tuple(t.shape)]))
-        if not ops:
+        if not msgs:
             return []
         try:
-            works = _post_ops(ops)
+            works: list = [None] * len(msgs)
+            ops, where = [], []
+            for i, (is_send, t, g) in enumerate(msgs):
+                # Both sides of a pair pick the same carrier: shared memory where the pair has a
+                # channel and the tensor is on the CPU, the backend otherwise.
+                if local is not None and local.connects(g) and t.device.type == "cpu":
+                    works[i] = local.send(t, g) if is_send else local.recv(t, g)
+                else:
+                    ops.append(dist.P2POp(dist.isend if is_send else dist.irecv, t, g, group=self.group))
+                    where.append(i)
+            if ops:
+                for i, w in zip(where, _post_ops(ops)):
+                    works[i] = w
         except BaseException:
             for rec in recs:
                 self.log.end(rec)

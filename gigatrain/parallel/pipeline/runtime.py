@@ -7,7 +7,9 @@ once per ``step``. The runtime decides nothing: order, batching and placement of
 from the schedule (see ``schedules`` for the semantics it implements).
 
 - Messages: consecutive SEND/RECV actions are posted as one batch of non-blocking messages
-  through the pp group's ``Comm`` (passed explicitly), which counts and records them. A received
+  through the pp group's ``Comm`` (passed explicitly), which counts and records them. On the
+  CPU, messages between ranks of one host go through shared memory (``transport="auto"``,
+  ``distributed.local_p2p``) rather than gloo's sockets. A received
   tensor is waited for by the compute action that reads it. Receives are posted ahead of their
   place in the schedule (the next ``RECV_AHEAD`` not yet consumed, in the schedule's order, so
   matching is unchanged): a receive posted only when the schedule reaches it, after the compute
@@ -253,12 +255,19 @@ class PipelineRuntime:
         loss_fn: ``loss_fn(logits, targets) -> scalar``, default ``model.loss``.
         record: keep a ``Record`` per action of the last step in ``self.records``.
         device: where this rank's stages run (default: where their first parameter is).
+        transport: ``"auto"``: on the CPU, messages between pp ranks of one host go through
+            shared memory (``distributed.local_p2p``: no socket, no transport thread), others
+            through the group's backend; ``"backend"``: always the backend.
+        timeout_s: how long a receive through shared memory may wait before it fails.
     """
 
     def __init__(self, model, partition: Partition, schedule: Sequence[Sequence[Action]], *,
                  pp_group, virtual: int = 1, loss_fn: Callable | None = None, record: bool = False,
-                 device: torch.device | None = None):
-        if pp_group is not None and not isinstance(pp_group, Comm):
+                 device: torch.device | None = None, transport: str = "auto", timeout_s: float = 600.0):
+        if transport not in ("auto", "backend"):
+            raise ValueError(f"transport must be 'auto' or 'backend', got {transport!r}")
+        self._own_comm = pp_group is not None and not isinstance(pp_group, Comm)
+        if self._own_comm:
             pp_group = Comm(pp_group, "pp")
         self.comm = pp_group
         if pp_group is None:  # one stage owner, nothing to send (also without a process group)
@@ -292,6 +301,9 @@ class PipelineRuntime:
         self.device = device if device is not None else p0.device if p0 is not None else torch.device("cpu")
         # Accurate per-action times on a GPU need a sync at each boundary; only when recording.
         self._sync_times = record and self.device.type == "cuda"
+        # Collective over the pp group: every pp rank has the same device type and transport.
+        self.shared_memory = (self.pp > 1 and transport == "auto" and self.device.type == "cpu"
+                              and self.comm.use_local_p2p(timeout_s=timeout_s))
         self._tied = tied_parameters(model) if self.pp > 1 else []
         self._tie_peer = None
         if self._tied and self.pp > 1:
@@ -491,9 +503,12 @@ class PipelineRuntime:
         self._split[s].backward_weight(self._saved.pop((s, m)))
 
     def close(self) -> None:
-        """Remove the forward hooks that the split backward installed."""
+        """Remove the forward hooks that the split backward installed, and close the shared-memory
+        channels of a ``Comm`` this runtime made itself."""
         for sb in self._split.values():
             sb.close()
+        if self._own_comm:
+            self.comm.close_local_p2p()
 
     def _hand_over(self, kind: str, s: int, m: int, t: torch.Tensor) -> None:
         """Give a produced tensor to the neighbouring stage: in memory when it is local (pp==1),

@@ -36,6 +36,8 @@ class PipelinePolicy:
     virtual: int = 1                  # model chunks per rank (interleaved, zb)
     balance: object = "params"        # params | time | uniform | list of blocks per stage
     example_batch: object = None      # (inputs, targets) of one micro-batch, for balance="time"
+    transport: str = "auto"           # auto (shared memory between CPU ranks of a host) | backend
+    timeout_s: float = 600.0          # a shared-memory receive fails after waiting this long
 
 
 class SingleStage:
@@ -141,7 +143,7 @@ class PipelineStages:
         schedule = build_schedule(policy.schedule, pp.size, policy.microbatches, policy.virtual)
         self.runtime = PipelineRuntime(model, part, schedule, pp_group=pp, virtual=policy.virtual,
                                        record=True, loss_fn=lambda out, y: loss_fn(out, y) * self._scale,
-                                       device=device)
+                                       device=device, transport=policy.transport, timeout_s=policy.timeout_s)
         self.owned = StagePart(model, self.runtime.parameters(), self.runtime.chunks)
         self.placements = stage_placements(model, self.owned, placements, pp.size)
         tied = {id(p) for p in tied_parameters(model)}
