@@ -4,10 +4,15 @@ our runtime vs torch.distributed.pipelining on the same model and split.
 For every schedule we run a few timed steps of a small GPT, keep per-action timings of the last
 one, and
 - measure the bubble (idle share of the ranks' compute capacity over the step);
-- feed the measured per-stage F / B / W durations, a measured message latency and the measured
-  cost of a message to its poster (LogP's L and o, from probes before the schedules run; o while
-  messages stream both ways and both ranks compute, as in a step) to the simulator, and report
-  its predicted bubble and step time next to the measured ones;
+- feed the measured per-stage F / B / W durations (means), a measured message latency and the
+  cost of a message to our runtime (LogP's L and o, from probes before each schedule runs: o
+  from our runtime running the schedule on stages that compute next to nothing) to the
+  simulator ("sim"), and report its predicted bubble and step time next to the measured ones;
+  also the simulator with o measured inside the timed steps ("sim(o)"), and a replay of each
+  step with every action at its own duration;
+- send our messages as a user's run does (``parallel.pp_transport=auto``: through shared memory
+  between these CPU ranks; ``--transport backend``: through gloo, as torch's do), and run the
+  message probes through the same transport;
 - time torch's ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B /
   ScheduleInterleavedZeroBubble on the same stage modules, micro-batches and loss (its step
   followed by what ours does inside the step: summing the tied embedding's gradient over the
@@ -16,6 +21,7 @@ one, and
 
 Usage:
     python benchmarks/bench_pipeline.py --world 2 --out runs/bench_pipeline.json
+    python benchmarks/bench_pipeline.py --world 2 --transport backend   # ours through gloo too
 
 One thread per rank; with 2 cores prefer --world 2 for throughput comparisons.
 """
@@ -58,64 +64,71 @@ def _batch(cfg, model, step):
     return model.example_batch(cfg["mb"] * cfg["microbatches"], generator=g)
 
 
-def _latency(group, shape, reps=20):
+def _send(comm, t, peer):
+    return comm.p2p_ops([(t, peer)], [], count=False)[0]
+
+
+def _recv(comm, t, peer):
+    return comm.p2p_ops([], [(t, peer)], count=False)[0]
+
+
+def _latency(comm, shape, reps=20):
     """One-way time of one activation-sized message (half a ping-pong round trip)."""
-    rank, peer = dist.get_rank(group), 1 - dist.get_rank(group)
+    rank, peer = comm.rank, 1 - comm.rank
     if rank > 1:
         return 0.0
-    peer = dist.get_global_rank(group, peer)
     t = torch.zeros(shape)
     times = []
     for _ in range(reps + 2):
         t0 = time.perf_counter()
         if rank == 0:
-            dist.send(t, peer, group=group)
-            dist.recv(t, peer, group=group)
+            _send(comm, t, peer).wait()
+            _recv(comm, t, peer).wait()
         else:
-            dist.recv(t, peer, group=group)
-            dist.send(t, peer, group=group)
+            _recv(comm, t, peer).wait()
+            _send(comm, t, peer).wait()
         times.append((time.perf_counter() - t0) / 2)
     return statistics.median(times[2:])
 
 
-def _post_overheads(group, shape, reps=20):
+def _post_overheads(comm, shape, reps=20):
     """Host time to post one non-blocking send and one receive of an activation-sized message
     (LogP's o, the part of a message's cost the poster pays on its own thread): ranks 0 and 1
     post to each other in turn, each timing only its own call, then both wait."""
-    rank = dist.get_rank(group)
+    rank = comm.rank
     if rank > 1:
         return 0.0, 0.0
-    peer = dist.get_global_rank(group, 1 - rank)
+    peer = 1 - rank
     t = torch.zeros(shape)
     sends, recvs = [], []
     for i in range(reps + 2):
         sender = i % 2
         t0 = time.perf_counter()
-        w = dist.isend(t, peer, group=group) if rank == sender else dist.irecv(t, peer, group=group)
+        w = _send(comm, t, peer) if rank == sender else _recv(comm, t, peer)
         dt = time.perf_counter() - t0
         w.wait()
         if i >= 2:
             (sends if rank == sender else recvs).append(dt)
-        dist.barrier(group=group)
+        comm.barrier()
     return statistics.median(sends), statistics.median(recvs)
 
 
-def _streaming_overhead(group, shape, rounds=40, trials=3, compute_s=0.004):
+def _streaming_overhead(comm, shape, rounds=40, trials=3, compute_s=0.004):
     """What a message costs its poster while messages stream both ways and both ranks compute,
     as in a pipeline step: ranks 0 and 1 run ``rounds`` rounds of a matrix product (about
     ``compute_s``), once alone and once with a send to and a receive from the other posted at the
     start of each round and waited for a round later. The extra time per posted message is o.
-    The idle probe above misses most of it: gloo's transport thread holds a pair's lock while it
-    moves earlier messages, and it shares the cores with both ranks' compute."""
-    rank = dist.get_rank(group)
+    Through gloo the idle probe above misses most of it: gloo's transport thread holds a pair's
+    lock while it moves earlier messages, and it shares the cores with both ranks' compute."""
+    rank = comm.rank
     if rank > 1:
         return 0.0
-    peer = dist.get_global_rank(group, 1 - rank)
+    peer = 1 - rank
     a, b = torch.randn(shape[0] * shape[1], shape[-1]), torch.randn(shape[-1], 4 * shape[-1])
     t0 = time.perf_counter()
     a @ b
     reps = torch.tensor([max(1, round(compute_s / max(time.perf_counter() - t0, 1e-6)))])
-    dist.all_reduce(reps, op=dist.ReduceOp.MAX, group=group)  # both ranks the same work
+    comm.all_reduce(reps, op=dist.ReduceOp.MAX)  # both ranks the same work
     reps = int(reps.item())
 
     def compute():
@@ -125,16 +138,16 @@ def _streaming_overhead(group, shape, rounds=40, trials=3, compute_s=0.004):
     sends, recvs = [torch.randn(shape) for _ in range(2)], [torch.empty(shape) for _ in range(2)]
     out = []
     for _ in range(trials):
-        dist.barrier(group=group)
+        comm.barrier()
         t0 = time.perf_counter()
         for _ in range(rounds):
             compute()
         alone = time.perf_counter() - t0
-        dist.barrier(group=group)
+        comm.barrier()
         prev: list = []
         t0 = time.perf_counter()
         for i in range(rounds):
-            works = [dist.isend(sends[i % 2], peer, group=group), dist.irecv(recvs[i % 2], peer, group=group)]
+            works = comm.p2p_ops([(sends[i % 2], peer)], [(recvs[i % 2], peer)], count=False)
             compute()
             for w in prev:
                 w.wait()
@@ -142,6 +155,70 @@ def _streaming_overhead(group, shape, rounds=40, trials=3, compute_s=0.004):
         for w in prev:
             w.wait()
         out.append(max(0.0, (time.perf_counter() - t0 - alone) / (2 * rounds)))
+    return statistics.median(out)
+
+
+class _Scale(torch.nn.Module):
+    """x * s: the cheapest block that still has a parameter and an input gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.s
+
+
+class _Spread(torch.nn.Module):
+    """(mb, seq) token ids -> (mb, seq, d) activations, one multiply."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(d))
+
+    def forward(self, ids):
+        return ids.unsqueeze(-1).float() * self.w
+
+
+class _NoCompute(torch.nn.Module):
+    """A pipeline model whose stages do (almost) nothing: activations of the real model's shape
+    travel through our runtime, so its steps measure what the runtime and the transport cost per
+    message, with next to no compute."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.stem = _Spread(cfg["d_model"])
+        self.blocks = torch.nn.ModuleList(_Scale() for _ in range(cfg["layers"]))
+        self.head = _Scale()
+
+    def loss(self, out, targets):
+        return out.mean()
+
+
+def _runtime_overhead(group, cfg, kind, V, steps=6):
+    """Our runtime's host time per posted message (LogP's o as the simulator needs it: posting,
+    the transport and the runtime's bookkeeping between actions), measured on ``_NoCompute``
+    with the schedule and activation shapes of the real run, before the real run."""
+    from gigatrain.parallel.pipeline.partition import uniform
+    from gigatrain.parallel.pipeline.runtime import PipelineRuntime, split_microbatches
+    from gigatrain.parallel.pipeline.schedules import build_schedule
+
+    pp = dist.get_world_size(group)
+    sched = build_schedule(kind, pp, cfg["microbatches"], V)
+    rt = PipelineRuntime(_NoCompute(cfg), uniform(cfg["layers"], pp * V), sched, pp_group=group,
+                         virtual=V, record=True, transport=cfg["transport"])
+    n = cfg["mb"] * cfg["microbatches"]
+    ids = torch.randint(0, cfg["vocab"], (n, cfg["seq"]), generator=torch.Generator().manual_seed(0))
+    mbs = split_microbatches((ids, ids), cfg["microbatches"])
+    out = []
+    for i in range(steps + 2):
+        dist.barrier(group=group)
+        rt.step(mbs)
+        parts = [None] * pp
+        dist.all_gather_object(parts, rt.records, group=group)
+        if i >= 2:
+            out.append(_host_overhead([r for part in parts for r in part], sched))
+    rt.close()
     return statistics.median(out)
 
 
@@ -207,7 +284,7 @@ class _Ours:
         self.model = _model(cfg)
         self.sched = build_schedule(kind, self.pp, cfg["microbatches"], V)
         self.rt = PipelineRuntime(self.model, uniform(cfg["layers"], self.pp * V), self.sched,
-                                  pp_group=group, virtual=V, record=True)
+                                  pp_group=group, virtual=V, record=True, transport=cfg["transport"])
         self.times, self.bubbles, self.costs, self.recs, self.losses = [], [], [], [], []
         self.own_recs: list = []  # this rank's records of each kept step
 
@@ -231,6 +308,7 @@ class _Ours:
         from gigatrain.parallel.pipeline.simulate import Costs, simulate
         from gigatrain.parallel.pipeline.timeline import measured_bubble
 
+        self.rt.close()
         parts = [None] * self.pp
         dist.all_gather_object(parts, self.own_recs, group=self.group)
         for k in range(len(self.own_recs)):
@@ -240,12 +318,20 @@ class _Ours:
             self.recs.append(recs)
         S = self.pp * self.V
         med = {k: [statistics.median(c[k][s] for c in self.costs) for s in range(S)] for k in "FBW"}
-        sim = simulate(self.sched, Costs(f=med["F"], b=med["B"], w=med["W"], comm=latency,
+        # The simulator gets each action kind's mean duration per stage: a step's length adds
+        # durations up, so their expectation is what it needs (the jitter here is one-sided: a
+        # page fault or the other rank's burst makes an action longer, never shorter). The
+        # medians are printed to compare ours and torch's compute, which a few outliers must
+        # not decide.
+        durs = {k: [[r.end - r.start for recs in self.recs for r in recs
+                     if r.action.kind == k and r.action.stage == s] for s in range(S)] for k in "FBW"}
+        mean = {k: [statistics.fmean(d) if d else 0.0 for d in durs[k]] for k in "FBW"}
+        sim = simulate(self.sched, Costs(f=mean["F"], b=mean["B"], w=mean["W"], comm=latency,
                                          send_overhead=overheads[0], recv_overhead=overheads[1]))
-        sim0 = simulate(self.sched, Costs(f=med["F"], b=med["B"], w=med["W"], comm=0.0))
+        sim0 = simulate(self.sched, Costs(f=mean["F"], b=mean["B"], w=mean["W"], comm=0.0))
         replays = [_replay(self.sched, recs, latency) for recs in self.recs]
         o_step = statistics.median(r[2] for r in replays)
-        sim_o = simulate(self.sched, Costs(f=med["F"], b=med["B"], w=med["W"], comm=latency,
+        sim_o = simulate(self.sched, Costs(f=mean["F"], b=mean["B"], w=mean["W"], comm=latency,
                                            send_overhead=o_step, recv_overhead=o_step))
         return {
             "predicted_bubble_insitu_o": sim_o.bubble_fraction,
@@ -346,14 +432,21 @@ class _Torch:
 
 def _worker(rank, world, cfg):
     torch.set_num_threads(1)
+    from gigatrain.distributed.comm import Comm
+
     group = dist.new_group(list(range(world)))
     cfg = dict(cfg)
-    cfg["latency"] = _latency(group, (cfg["mb"], cfg["seq"], cfg["d_model"]))
+    # The probes go through the transport our runtime uses (shared memory or gloo).
+    probe = Comm(group, "probe")
+    if cfg["transport"] == "auto":
+        probe.use_local_p2p()
+    cfg["latency"] = _latency(probe, (cfg["mb"], cfg["seq"], cfg["d_model"]))
     lat = torch.tensor([cfg["latency"]])
     dist.broadcast(lat, 0, group=group)
     cfg["latency"] = lat.item()
     shape = (cfg["mb"], cfg["seq"], cfg["d_model"])
-    o = torch.tensor(_post_overheads(group, shape) + (_streaming_overhead(group, shape),))
+    o = torch.tensor(_post_overheads(probe, shape) + (_streaming_overhead(probe, shape),))
+    probe.close_local_p2p()
     dist.all_reduce(o, group=group)
     o = (o / min(2, world)).tolist()
     cfg["idle_overheads"], cfg["overheads"] = o[:2], (o[2], o[2])
@@ -362,6 +455,7 @@ def _worker(rank, world, cfg):
         if cfg["only"] and label not in cfg["only"]:
             continue
         row = {"schedule": label, "kind": kind, "virtual": V}
+        o_rt = _runtime_overhead(group, cfg, kind, V)
         runners = [_Ours(cfg, group, kind, V)]
         if peer:
             try:
@@ -374,7 +468,8 @@ def _worker(rank, world, cfg):
         for step in range(cfg["warmup"] + cfg["steps"]):
             for r in (runners if step % 2 == 0 else runners[::-1]):
                 r.step(step, keep=step >= cfg["warmup"])
-        row["ours"] = runners[0].result(cfg["latency"], cfg["overheads"])
+        row["ours"] = runners[0].result(cfg["latency"], (o_rt, o_rt))
+        row["ours"]["runtime_overhead_per_message_s"] = o_rt
         if len(runners) > 1:
             row["torch"] = {"class": peer, **runners[1].result()}
             # The ratio within each pair of neighbouring steps (one each), then the median: a
@@ -404,11 +499,14 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--only", nargs="*", default=None, help="schedule labels to run")
+    ap.add_argument("--transport", choices=["auto", "backend"], default="auto",
+                    help="our runtime's messages: auto = shared memory between these CPU ranks (the "
+                         "default, parallel.pp_transport), backend = gloo like torch's")
     ap.add_argument("--out", default=None, help="write JSON results here")
     args = ap.parse_args(argv)
     cfg = {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "seq": args.seq,
            "vocab": args.vocab, "mb": args.mb, "microbatches": args.microbatches,
-           "warmup": args.warmup, "steps": args.steps, "only": args.only}
+           "warmup": args.warmup, "steps": args.steps, "only": args.only, "transport": args.transport}
 
     from gigatrain.distributed.spawn import spawn
 
@@ -418,12 +516,16 @@ def main(argv=None):
     model = _model(cfg)
     print(f"GPT {args.layers}x{args.d_model}, seq {args.seq}, {sum(p.numel() for p in model.parameters())/1e6:.2f}M params; "
           f"pp={args.world} gloo CPU ranks, 1 thread each; {args.microbatches} micro-batches of {args.mb}; "
-          f"message latency {res['latency_s']*1e3:.3f} ms; a message costs its poster {res['send_overhead_s']*1e3:.3f} ms "
-          f"while messages stream and both ranks compute (idle probe: a send {res['idle_send_overhead_s']*1e3:.3f} ms, "
-          f"a receive {res['idle_recv_overhead_s']*1e3:.3f} ms); median (and min) of {args.steps} steps, "
-          "ours and torch's alternating step by step; torch/ours = median ratio of neighbouring steps")
+          f"our messages through {'shared memory' if args.transport == 'auto' else 'gloo'}, torch's through gloo; "
+          f"message latency {res['latency_s']*1e3:.3f} ms; the transport costs a message's poster "
+          f"{res['send_overhead_s']*1e3:.3f} ms while messages stream and both ranks compute (idle probe: a send "
+          f"{res['idle_send_overhead_s']*1e3:.3f} ms, a receive {res['idle_recv_overhead_s']*1e3:.3f} ms); 'sim' "
+          "takes o from 'o probe' (our runtime running the schedule on stages that compute next to nothing), "
+          "'sim(o)' from the timed steps ('o ms'); median (and min) of "
+          f"{args.steps} steps, ours and torch's alternating step by step; torch/ours = median ratio of neighbouring steps")
     hdr = (f"{'schedule':<16} {'ours ms':>8} {'(min)':>6} {'tok/s':>8} {'torch ms':>9} {'(min)':>6} {'torch/ours':>10} "
-           f"{'bubble meas':>11} {'sim':>6} {'sim(0 lat)':>10} {'sim ms':>7} {'sim(o)':>7} {'replay':>7} {'o ms':>5}")
+           f"{'bubble meas':>11} {'sim':>6} {'sim(0 lat)':>10} {'sim ms':>7} {'sim(o)':>7} {'replay':>7} {'o ms':>5} "
+           f"{'o probe':>7}")
     print(hdr)
     print("-" * len(hdr))
     for row in res["rows"]:
@@ -431,14 +533,14 @@ def main(argv=None):
         t = row.get("torch", {})
         t_ms = (f"{t['step_s']*1e3:9.1f} {t['step_s_min']*1e3:6.1f}" if "step_s" in t
                 else f"{'-' if not t else 'error':>9} {'':>6}")
-        ratio = f"{t['paired_ratio']:10.2f}" if "step_s" in t else f"{'-':>10}"
+        ratio = f"{t['paired_ratio']:10.3f}" if "step_s" in t else f"{'-':>10}"
         o["tokens_per_s"] = tokens / o["step_s"]
         if "step_s" in t:
             t["tokens_per_s"] = tokens / t["step_s"]
         print(f"{row['schedule']:<16} {o['step_s']*1e3:8.1f} {o['step_s_min']*1e3:6.1f} {o['tokens_per_s']:8.0f} {t_ms} {ratio} "
               f"{o['measured_bubble']:11.1%} {o['predicted_bubble']:6.1%} {o['predicted_bubble_free_comm']:10.1%} "
               f"{o['predicted_step_s']*1e3:7.1f} {o['predicted_bubble_insitu_o']:7.1%} {o['replay_bubble']:7.1%} "
-              f"{o['host_overhead_per_message_s']*1e3:5.2f}")
+              f"{o['host_overhead_per_message_s']*1e3:5.2f} {o['runtime_overhead_per_message_s']*1e3:7.3f}")
         if "error" in t:
             print(f"    torch {t['class']}: {t['error']}")
     diffs = [row["torch"]["max_loss_diff"] for row in res["rows"] if "max_loss_diff" in row.get("torch", {})]

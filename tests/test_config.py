@@ -151,6 +151,7 @@ OVERRIDES = [
     ("parallel.pp_microbatches", ["parallel.pp_microbatches=8"], 8),
     ("parallel.pp_virtual", ["parallel.pp=2", "parallel.pp_virtual=2", "parallel.pp_schedule=interleaved"], 2),
     ("parallel.pp_balance", ["parallel.pp=2", "parallel.pp_balance=[1,3]"], [1, 3]),
+    ("parallel.pp_transport", ["parallel.pp=2", "parallel.pp_transport=backend"], "backend"),
     ("parallel.bucket_mb", ["parallel.bucket_mb=4"], 4.0),
     ("parallel.timeout_s", ["parallel.timeout_s=300"], 300.0),
     ("parallel.hang_timeout_s", ["parallel.hang_timeout_s=5"], 5.0),
@@ -327,6 +328,7 @@ def test_section_given_a_scalar():
     ("model.name=gtp", "'gpt'"),
     ("parallel.pp_schedule=1f1", "'1f1b'"),
     ("parallel.pp_balance=tim", "'time'"),
+    ("parallel.pp_transport=bakend", "'backend'"),
 ])
 def test_bad_literals(override, suggestion):
     msg = bad_override(override)

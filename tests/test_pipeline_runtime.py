@@ -43,7 +43,7 @@ def _reference(M, mb_size, dp=1):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _train(kind, V, M, mb_size, pp_group, dp_group=None, dp_rank=0, dp=1, record=False):
+def _train(kind, V, M, mb_size, pp_group, dp_group=None, dp_rank=0, dp=1, record=False, transport="auto"):
     import torch.distributed as dist
 
     from gigatrain.parallel.pipeline.partition import uniform
@@ -59,7 +59,7 @@ def _train(kind, V, M, mb_size, pp_group, dp_group=None, dp_rank=0, dp=1, record
                 p.copy_(q)
     sched = build_schedule(kind, pp, M, V)
     rt = PipelineRuntime(model, uniform(len(model.blocks), pp * V), sched, pp_group=pp_group,
-                         virtual=V, record=record)
+                         virtual=V, record=record, transport=transport)
     opt = torch.optim.SGD(rt.parameters(), lr=LR)
     losses = []
     for step in range(STEPS):
@@ -127,6 +127,13 @@ def _world2(rank, world, outdir):
             x = _batch(T, 3, ref)[0][:, :T]
             got = rt.forward_only(x, post=lambda y: y[:, -1])
             out[("forward_only", V, T)] = bool(torch.equal(got, ref(x)[:, -1].detach()))
+    # The transport changes nothing either: gloo's messages give the same bits as shared memory
+    # (which these CPU ranks of one host use by default).
+    la, pa, rt = _train("1f1b", 1, 4, 2, group, transport="backend")
+    lb, pb = kept[("1f1b", 1, 4)]
+    out[("bitwise", "transport")] = (not rt.shared_memory and la == lb
+                                     and all(torch.equal(pa[n], pb[n]) for n in pa))
+    out[("bitwise", "shared memory used")] = _train("1f1b", 1, 1, 2, group)[2].shared_memory
     # The split backward changes nothing numerically: zb trains bit-identically to its unsplit twin.
     for split, full in ((("zb", 1, 4), ("1f1b", 1, 4)), (("zb", 2, 4), ("interleaved", 2, 4))):
         (la, pa), (lb, pb) = kept[split], kept[full]
@@ -173,7 +180,7 @@ def test_pipeline_matches_one_process_pp2_and_timeline(tmp_path):
         assert len(fwd) == 6 and all(fwd.values()), fwd
         assert set(r) == set(CASES_PP2)
         _check(r)
-        assert len(bitwise) == 2 and all(bitwise.values()), bitwise
+        assert len(bitwise) == 4 and all(bitwise.values()), bitwise
     records = torch.load(tmp_path / "records.pt", weights_only=False)
     kinds = {(rec.rank, rec.action.kind) for rec in records}
     assert {(0, "F"), (0, "B"), (0, "W"), (1, "F"), (1, "B"), (1, "W")} <= kinds

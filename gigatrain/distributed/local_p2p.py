@@ -6,12 +6,15 @@ it on every message: 0.2-0.5 ms of host time per 128-512 KB message on a 2-core 
 both ranks compute, against 0.03-0.05 ms when the machine is idle (``docs/benchmarks.md``).
 ``LocalP2P`` carries the same messages with no thread and no socket:
 
-- each ordered pair of group members (src -> dst) has a ring of shared memory (a sparse file
-  under ``/dev/shm``, so untouched capacity costs nothing) and a named pipe;
+- each ordered pair of neighbouring group members (src -> dst) has a ring of shared memory (a
+  file under ``/dev/shm``, reserved at set-up so that a full ``/dev/shm`` fails there, not with
+  SIGBUS in the middle of a step) and a named pipe;
 - a send copies the tensor into the sender's ring and writes a 24-byte record (offset, size,
   kind) to the pipe; it is complete when posted, so the sender never waits;
 - a receive reads the next record (blocking in ``poll`` until it arrives), copies the bytes
   into its buffer and publishes how far it has consumed, which frees ring space for the sender;
+  once everything is read, the sender starts again at the ring's beginning, so only the pages
+  that the messages in flight need are touched;
 - a message that does not fit in the ring's free space goes through a file of its own, which
   the receiver deletes after reading.
 
@@ -19,7 +22,7 @@ Messages of a pair arrive in the order they were sent, as with gloo. A receive w
 exited (the pipe's write end closed) fails at once with the peer's rank instead of waiting for
 the collective timeout; a receive that waits longer than ``timeout_s`` fails too. The files are
 unlinked as soon as both sides have opened them, so nothing is left behind, even after a crash
-(except a pending overflow file, which is removed by whichever side of the pair lives longer).
+(except an overflow file that its receiver never read: ``close`` removes those; a crash does not).
 
 Set up collectively by ``Comm.use_local_p2p``; used only for CPU tensors, when every member of the
 group runs on the same host (same hostname and boot id).
@@ -29,6 +32,7 @@ from __future__ import annotations
 import array
 import ctypes
 import fcntl
+import glob
 import mmap
 import os
 import select
@@ -169,6 +173,8 @@ class _OutChannel:
             os.close(self.fd)
         except OSError:
             pass
+        if self.overflow:                              # files the receiver never read
+            _unlink(glob.glob(glob.escape(self.prefix) + ".*"))
 
 
 class _InChannel:
