@@ -136,6 +136,9 @@ class _Ring:
 class _OutChannel:
     """This rank's sends to one peer."""
 
+    def __del__(self):          # a runtime dropped without close(): its pipe is closed all the same
+        self.close()
+
     def __init__(self, ring: _Ring, fd: int, prefix: str):
         self.ring, self.fd, self.prefix = ring, fd, prefix
         self.head = 0            # absolute position after the last message placed in the ring
@@ -169,16 +172,22 @@ class _OutChannel:
         os.write(self.fd, rec)                         # < PIPE_BUF: atomic, in order
 
     def close(self) -> None:
+        if self.fd < 0:
+            return
         try:
             os.close(self.fd)
         except OSError:
             pass
+        self.fd = -1
         if self.overflow:                              # files the receiver never read
             _unlink(glob.glob(glob.escape(self.prefix) + ".*"))
 
 
 class _InChannel:
     """This rank's receives from one peer: posted receives are filled in order."""
+
+    def __del__(self):
+        self.close()
 
     def __init__(self, ring: _Ring, fd: int, prefix: str, peer: int, timeout_s: float):
         self.ring, self.fd, self.prefix, self.peer, self.timeout_s = ring, fd, prefix, peer, timeout_s
@@ -243,10 +252,14 @@ class _InChannel:
         return k < n[0] // _REC.size
 
     def close(self) -> None:
+        if self.fd < 0:
+            return
         try:
+            self.poller.unregister(self.fd)
             os.close(self.fd)
-        except OSError:
+        except (OSError, KeyError):
             pass
+        self.fd = -1
 
 
 def _unlink(paths: list[str]) -> None:
