@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ...distributed.comm import Comm
@@ -144,6 +145,10 @@ class PipelineStages:
         self.runtime = PipelineRuntime(model, part, schedule, pp_group=pp, virtual=policy.virtual,
                                        record=True, loss_fn=lambda out, y: loss_fn(out, y) * self._scale,
                                        device=device, transport=policy.transport, timeout_s=policy.timeout_s)
+        if pp.size > 1:
+            via = ("shared memory (parallel.pp_transport=auto, CPU ranks of one host)" if self.runtime.shared_memory
+                   else f"the {dist.get_backend(pp.group)} backend")
+            self.partition_text += f"\npipeline messages through {via}"
         self.owned = StagePart(model, self.runtime.parameters(), self.runtime.chunks)
         self.placements = stage_placements(model, self.owned, placements, pp.size)
         tied = {id(p) for p in tied_parameters(model)}
