@@ -24,8 +24,8 @@ the collective timeout; a receive that waits longer than ``timeout_s`` fails too
 unlinked as soon as both sides have opened them, so nothing is left behind, even after a crash
 (except an overflow file that its receiver never read: ``close`` removes those; a crash does not).
 
-Set up collectively by ``Comm.use_local_p2p``; used only for CPU tensors, when every member of the
-group runs on the same host (same hostname and boot id).
+Set up collectively by ``Comm.use_local_p2p`` (``LocalP2P.open``); used only for CPU tensors,
+when every member of the group runs on the same host (same hostname and boot id).
 """
 from __future__ import annotations
 
@@ -136,14 +136,14 @@ class _Ring:
 class _OutChannel:
     """This rank's sends to one peer."""
 
-    def __del__(self):          # a runtime dropped without close(): its pipe is closed all the same
-        self.close()
-
     def __init__(self, ring: _Ring, fd: int, prefix: str):
         self.ring, self.fd, self.prefix = ring, fd, prefix
         self.head = 0            # absolute position after the last message placed in the ring
         self.floor = 0           # below it everything is consumed, or padding
         self.overflow = 0
+
+    def __del__(self):          # a runtime dropped without close(): its pipe is closed all the same
+        self.close()
 
     def send(self, t: torch.Tensor) -> None:
         if not t.is_contiguous():
@@ -186,14 +186,14 @@ class _OutChannel:
 class _InChannel:
     """This rank's receives from one peer: posted receives are filled in order."""
 
-    def __del__(self):
-        self.close()
-
     def __init__(self, ring: _Ring, fd: int, prefix: str, peer: int, timeout_s: float):
         self.ring, self.fd, self.prefix, self.peer, self.timeout_s = ring, fd, prefix, peer, timeout_s
         self.posted: list[_RecvWork] = []
         self.poller = select.poll()
         self.poller.register(fd, select.POLLIN)
+
+    def __del__(self):
+        self.close()
 
     def post(self, buf: torch.Tensor) -> _RecvWork:
         if not buf.is_contiguous():
@@ -255,9 +255,8 @@ class _InChannel:
         if self.fd < 0:
             return
         try:
-            self.poller.unregister(self.fd)
             os.close(self.fd)
-        except (OSError, KeyError):
+        except OSError:
             pass
         self.fd = -1
 
@@ -287,15 +286,20 @@ class LocalP2P:
     def open(cls, group, ranks, me: int, *, ring_bytes: int = 16 << 20,
              timeout_s: float = 600.0) -> "LocalP2P | None":
         """Collective over ``group`` (``ranks``: its global ranks; ``me``: this process's). Returns
-        None on every member when any of them could not set its channels up (no /dev/shm, or
-        no room there for the rings: ``ring_bytes`` per channel), so all stay on the backend."""
+        None on every member when they do not all run on one host, or when any of them could not
+        set its channels up (no /dev/shm, or no room there for the rings: ``ring_bytes`` per
+        channel), so all stay on the backend."""
         n = len(ranks)
         i = ranks.index(me)
         peers = sorted({ranks[(i - 1) % n], ranks[(i + 1) % n]} - {me})
-        token = [uuid.uuid4().hex[:16] if i == 0 else None]
-        dist.broadcast_object_list(token, src=ranks[0], group=group)
+        # One exchange: every member's host (shared memory needs one host), and the first
+        # member's name for this group's files.
+        seen = [None] * n
+        dist.all_gather_object(seen, (host_id(), uuid.uuid4().hex[:16]), group=group)
+        if len({h for h, _ in seen}) != 1:
+            return None
         d = shm_dir()
-        base = os.path.join(d or "", f"gigatrain-p2p-{token[0]}")
+        base = os.path.join(d or "", f"gigatrain-p2p-{seen[0][1]}")
         out: dict[int, _OutChannel] = {}
         inc: dict[int, _InChannel] = {}
         made: list[str] = []
